@@ -1,0 +1,21 @@
+"""sd_hina_plugin: advanced optimizers for LoRA / LoKr training with kohya-ss/sd-scripts and plain PyTorch.
+
+Every optimizer class is importable from here, so kohya's ``--optimizer_type sd_hina_plugin.<Name>`` works.
+"""
+
+from .config import Field, load_preset
+from .engine import HinaOptimizer
+from .optimizers import HinaAdamWCore
+from .registry import create_optimizer, list_optimizers, resolve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Field",
+    "HinaAdamWCore",
+    "HinaOptimizer",
+    "create_optimizer",
+    "list_optimizers",
+    "load_preset",
+    "resolve",
+]

@@ -1,0 +1,303 @@
+"""Typed, validated optimizer configurations.
+
+Every optimizer argument is a :class:`Field` declared by the technique that uses it. A named optimizer's
+config class is a dataclass built from the fields of its techniques (:func:`make_config`). Values arrive in
+three forms and all end up validated by the same code:
+
+* typed keyword arguments, as kohya hands them after ``ast.literal_eval`` (``True``, ``0.9``, ``(0.9, 0.99)``);
+* ``key=value`` strings from other front ends (``"use_spd=true"``, ``"betas=0.9,0.99"``, values with ``=``);
+* TOML presets that are valid kohya ``--config_file`` fragments (:func:`load_preset`).
+
+Every rejection is a ``TypeError`` (wrong type) or ``ValueError`` (wrong value, unknown name) whose message
+names the optimizer, the argument, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
+
+_TRUE = {"true", "1", "yes", "on", "y", "t"}
+_FALSE = {"false", "0", "no", "off", "n", "f"}
+_KINDS = ("float", "int", "bool", "str", "floats")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One optimizer argument: its type, default, allowed range and help text.
+
+    ``kind`` is one of ``float``, ``int``, ``bool``, ``str`` (optionally restricted to ``choices``) and
+    ``floats`` (a tuple of ``length`` floats, each within the range). Bounds are inclusive unless
+    ``low_open``/``high_open`` is set.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"field {self.name!r}: unknown kind {self.kind!r}")
+
+    # -- description ----------------------------------------------------------------------------------
+    def range_text(self) -> str:
+        if self.kind == "bool":
+            return "True or False"
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "str":
+            return "a string"
+        lo = "-inf" if self.low is None else repr(self.low)
+        hi = "inf" if self.high is None else repr(self.high)
+        interval = f"{'(' if self.low is None or self.low_open else '['}{lo}, {hi}{')' if self.high is None or self.high_open else ']'}"
+        if self.kind == "floats":
+            return f"{self.length} numbers, each in {interval}"
+        return f"{'an integer' if self.kind == 'int' else 'a number'} in {interval}"
+
+    # -- coercion -------------------------------------------------------------------------------------
+    def coerce(self, value: Any, owner: str = "optimizer") -> Any:
+        """Return ``value`` converted to this field's type, or raise a clear TypeError/ValueError."""
+        where = f"{owner}: argument {self.name!r} = {value!r}"
+        if isinstance(value, str) and self.kind not in ("str",):
+            value = _parse_text(value)
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise TypeError(f"{where} ({type(value).__name__}): expected True or False")
+        if self.kind == "float":
+            number = self._number(value, where)
+            self._check_range(number, where)
+            return number
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{where} ({type(value).__name__}): expected an integer")
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError(f"{where}: expected an integer, got a fraction")
+                value = int(value)
+            if self.choices and value not in self.choices:
+                raise ValueError(f"{where}: expected {self.range_text()}")
+            self._check_range(value, where)
+            return value
+        if self.kind == "floats":
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = (value,)
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"{where} ({type(value).__name__}): expected {self.range_text()}, e.g. {self.default!r}")
+            if len(value) != self.length:
+                raise ValueError(f"{where}: expected {self.length} numbers, got {len(value)}")
+            numbers = tuple(self._number(v, where) for v in value)
+            for i, v in enumerate(numbers):
+                self._check_range(v, f"{where}: element {i + 1}")
+            return numbers
+        # str
+        if not isinstance(value, str):
+            raise TypeError(f"{where} ({type(value).__name__}): expected {self.range_text()}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{where}: expected {self.range_text()}{_suggest(value, self.choices)}")
+        return value
+
+    def _number(self, value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} ({type(value).__name__}): expected a number")
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError(f"{where}: NaN is not allowed")
+        return number
+
+    def _check_range(self, v: float, where: str) -> None:
+        too_low = self.low is not None and (v < self.low or (self.low_open and v == self.low))
+        too_high = self.high is not None and (v > self.high or (self.high_open and v == self.high))
+        if too_low or too_high:
+            raise ValueError(f"{where}: must be {self.range_text()}")
+
+    def to_text(self, value: Any) -> str:
+        """A literal that kohya's ``ast.literal_eval`` and :meth:`coerce` both read back as ``value``."""
+        if self.kind == "floats":
+            return "(" + ", ".join(repr(float(v)) for v in value) + ")"
+        return repr(value)
+
+
+def _parse_text(text: str) -> Any:
+    """Read a value the way kohya does (``ast.literal_eval``), keeping bare words as strings."""
+    stripped = text.strip()
+    try:
+        return ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return stripped
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in candidates}
+        close = [lowered[word.lower()]] if word.lower() in lowered else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def split_arg(item: str, owner: str = "optimizer") -> tuple[str, str]:
+    """Split one ``key=value`` string on its first ``=``; spaces around both parts are ignored."""
+    if not isinstance(item, str):
+        raise TypeError(f"{owner}: optimizer argument {item!r} ({type(item).__name__}): expected a 'key=value' string")
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{owner}: optimizer argument {item!r}: expected the form 'key=value'")
+    return key.strip(), value
+
+
+class ConfigBase:
+    """Behaviour shared by every generated config dataclass."""
+
+    FIELDS: ClassVar[dict[str, Field]] = {}
+    OWNER: ClassVar[str] = "optimizer"
+
+    def __post_init__(self) -> None:
+        for name, spec in self.FIELDS.items():
+            object.__setattr__(self, name, spec.coerce(getattr(self, name), self.OWNER))
+
+    @classmethod
+    def field_specs(cls) -> list[Field]:
+        return list(cls.FIELDS.values())
+
+    @classmethod
+    def check_names(cls, names: Iterable[str]) -> None:
+        for key in names:
+            if key not in cls.FIELDS:
+                raise ValueError(
+                    f"{cls.OWNER}: unknown argument {key!r}{_suggest(key, cls.FIELDS)}; "
+                    f"run `sd-hina show {cls.OWNER}` for the full list"
+                )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any] | None = None, **more: Any) -> "ConfigBase":
+        values = dict(kwargs or {})
+        values.update(more)
+        cls.check_names(values)
+        return cls(**values)  # type: ignore[call-arg]
+
+    @classmethod
+    def from_strings(cls, items: Iterable[str] | str) -> "ConfigBase":
+        if isinstance(items, str):
+            items = [items]
+        values: dict[str, Any] = {}
+        for item in items:
+            key, raw = split_arg(item, cls.OWNER)
+            if key in values:
+                raise ValueError(f"{cls.OWNER}: argument {key!r} given twice")
+            values[key] = raw
+        return cls.from_kwargs(values)
+
+    @classmethod
+    def from_any(cls, args: Mapping[str, Any] | Iterable[str] | str | None) -> "ConfigBase":
+        if args is None:
+            return cls()  # type: ignore[call-arg]
+        if isinstance(args, Mapping):
+            return cls.from_kwargs(args)
+        return cls.from_strings(args)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def to_strings(self, only_changed: bool = False) -> list[str]:
+        out = []
+        for name, spec in self.FIELDS.items():
+            value = getattr(self, name)
+            if only_changed and value == spec.coerce(spec.default, self.OWNER):
+                continue
+            out.append(f"{name}={spec.to_text(value)}")
+        return out
+
+    def replace(self, **changes: Any) -> "ConfigBase":
+        self.check_names(changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def make_config(owner: str, fields: Iterable[Field], class_name: str | None = None) -> type[ConfigBase]:
+    """Build a frozen dataclass with one attribute per field (defaults and validation included)."""
+    specs: dict[str, Field] = {}
+    for spec in fields:
+        if spec.name in specs:
+            if specs[spec.name] != spec:
+                raise ValueError(f"{owner}: field {spec.name!r} declared twice with different definitions")
+            continue
+        specs[spec.name] = spec
+    cls = dataclasses.make_dataclass(
+        class_name or f"{owner}Config",
+        [(name, Any, dataclasses.field(default=spec.default)) for name, spec in specs.items()],
+        bases=(ConfigBase,),
+        frozen=True,
+        namespace={"FIELDS": specs, "OWNER": owner, "__doc__": f"Validated arguments of {owner}."},
+    )
+    return cls
+
+
+# -- TOML presets -----------------------------------------------------------------------------------------
+
+PRESET_KEYS = ("optimizer_type", "optimizer_args", "learning_rate")
+
+
+def _flatten(table: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """kohya's read_config_from_file ignores section names: every table's keys land in one namespace."""
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _flatten(value, out)
+        else:
+            out[key] = value
+    return out
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a kohya ``--config_file`` TOML and return its optimizer keys, flattened as kohya does."""
+    import toml
+
+    path = Path(path)
+    try:
+        data = toml.load(path)
+    except toml.TomlDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    flat = _flatten(data, {})
+    found = {key: flat[key] for key in PRESET_KEYS if key in flat}
+    if "optimizer_type" not in found:
+        raise ValueError(f"{path}: no 'optimizer_type' key")
+    args = found.get("optimizer_args", [])
+    if isinstance(args, str) or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ValueError(
+            f"{path}: 'optimizer_args' must be an array of strings such as [\"weight_decay=0.01\"] "
+            f"(kohya iterates a plain string character by character)"
+        )
+    found["optimizer_args"] = args
+    if "learning_rate" in found and (isinstance(found["learning_rate"], bool) or not isinstance(found["learning_rate"], (int, float))):
+        raise ValueError(f"{path}: 'learning_rate' = {found['learning_rate']!r}: expected a number")
+    return found
+
+
+def kohya_literal(item: str, owner: str = "optimizer") -> tuple[str, Any]:
+    """Parse one optimizer arg exactly as kohya's get_optimizer does, with its error turned into ours."""
+    key, sep, value = item.partition("=")
+    if "=" in value:
+        raise ValueError(f"{owner}: {item!r}: kohya splits on every '=', so a value may not contain '='")
+    if key != key.strip():
+        raise ValueError(f"{owner}: {item!r}: kohya keeps spaces around the key; write {key.strip()}=...")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError) as exc:
+        raise ValueError(
+            f"{owner}: {item!r}: kohya reads values with ast.literal_eval; quote strings "
+            f"({key}='{value.strip()}') and write booleans as True/False"
+        ) from exc

@@ -1,0 +1,355 @@
+"""The optimizer base every named optimizer declares itself on.
+
+A subclass sets three class attributes and nothing else is needed for a working optimizer:
+
+``NAME``        the registered name
+``TECHNIQUES``  the ordered techniques (instances of :class:`~sd_hina_plugin.engine.technique.Technique`)
+``Config``      the config dataclass built from the techniques' fields (:func:`~sd_hina_plugin.config.make_config`)
+
+What the base guarantees for every optimizer:
+
+* ``group["lr"]`` and every other hyperparameter are read from the param group at each step, so lr
+  schedulers and per-group values (kohya's unet / text-encoder lrs) work; per-group values are validated.
+* A host-side step count per group (``group["step"]``) drives phases; ``step()`` never reads device values
+  (no ``.item()``, no tensor-valued ``if``) and dispatches the same number of ops for 200 or 4000 tensors
+  of the same shapes (see ``engine/pack.py``).
+* State lives in ``optimizer.state[p]`` under semantic keys (``exp_avg``, ``exp_avg.q``,
+  ``exp_avg.absmax``, ...). ``load_state_dict`` copies into the already allocated state, so 8-bit codes,
+  fp32 absmax and fp32 moments of bf16 parameters keep their dtypes (torch's default would cast them to
+  the parameter dtype), a state dict saved on CUDA loads on CPU, and a state dict from another optimizer
+  or with missing keys is rejected with a message saying what differs.
+* ``stats()`` is the only method that reads device values; ``get_optimization_info()`` describes the setup.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+
+from ..config import ConfigBase
+from ..numerics import quant8
+from .context import StepContext
+from .pack import Pack, ScratchPool, plan_packs
+from .technique import STAGES, Slot, Technique
+
+FORMAT_VERSION = 1
+_RNG_SEED = 0x5EED_0001
+
+
+def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
+    """Techniques must come in stage order and exactly one of them writes the parameters."""
+    last = 0
+    writers = 0
+    for tech in techniques:
+        if tech.stage not in STAGES:
+            raise ValueError(f"{name}: technique {tech.name!r} has unknown stage {tech.stage!r}")
+        index = STAGES.index(tech.stage)
+        if index < last:
+            raise ValueError(f"{name}: technique {tech.name!r} (stage {tech.stage}) comes after a later stage")
+        last = index
+        writers += tech.writes_params
+    if writers != 1:
+        raise ValueError(f"{name}: exactly one technique must write the parameters, found {writers}")
+
+
+class HinaOptimizer(torch.optim.Optimizer):
+    NAME: ClassVar[str] = ""
+    TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
+    Config: ClassVar[type[ConfigBase]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TECHNIQUES:
+            validate_techniques(cls.NAME or cls.__name__, cls.TECHNIQUES)
+
+    def __init__(self, params: Any, lr: float | None = None, **kwargs: Any):
+        if lr is not None:
+            kwargs["lr"] = lr
+        self.config = self.Config.from_kwargs(kwargs)
+        if isinstance(params, torch.Tensor):
+            raise TypeError(f"{self.NAME}: params must be an iterable of tensors or of param-group dicts, got a Tensor")
+        params = list(params)
+        if not params:
+            raise ValueError(f"{self.NAME}: got an empty parameter list")
+        self._packs: list[list[Pack]] | None = None
+        self._pool = ScratchPool()
+        self._pool_generation = 0
+        self._stats: dict[str, torch.Tensor | float] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        super().__init__(params, self.config.as_dict())
+        self._check_setup()
+
+    # -- construction -------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        if not group["params"]:
+            raise ValueError(f"{self.NAME}: param group {index} has no parameters")
+        overrides = {k: group[k] for k in self.Config.FIELDS if k in group}
+        validated = self.Config.from_kwargs(overrides)
+        group.update(validated.as_dict())
+        group.setdefault("step", 0)
+        for j, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
+            if not p.is_floating_point():
+                raise TypeError(f"{self.NAME}: parameter {j} of group {index} has dtype {p.dtype}; only floating-point parameters can be optimized")
+        self._packs = None
+
+    def _check_setup(self) -> None:
+        """Hook for subclasses: reject parameter/argument combinations that cannot work."""
+        if any(self._wants_8bit(g) for g in self.param_groups):
+            ok, why = quant8.bnb_available()
+            if not ok:
+                raise RuntimeError(f"{self.NAME}: optim_bits=8 needs bitsandbytes' blockwise kernels, which failed here ({why}); use optim_bits=32")
+
+    @staticmethod
+    def _wants_8bit(group: dict[str, Any]) -> bool:
+        return group.get("optim_bits", 32) == 8
+
+    def _quantize_param(self, group: dict[str, Any]) -> Callable[[torch.Tensor], bool]:
+        wants = self._wants_8bit(group)
+        threshold = group.get("min_8bit_size", 4096)
+        return lambda p: wants and p.numel() >= threshold
+
+    def techniques(self, group: dict[str, Any]) -> list[Technique]:
+        return [t for t in self.TECHNIQUES if t.enabled(group)]
+
+    def _slots(self, group: dict[str, Any], pack: Pack) -> list[Slot]:
+        slots: dict[str, Slot] = {}
+        for tech in self.techniques(group):
+            for slot in tech.slots_for(group, pack.low_precision):
+                slots[slot.name] = slot
+        return list(slots.values())
+
+    # -- state layout -------------------------------------------------------------------------------------
+    @staticmethod
+    def _slot_keys(slot: Slot, pack: Pack) -> list[tuple[str, str]]:
+        if pack.quantized and slot.quantizable:
+            return [(f"{slot.name}.q", "elem"), (f"{slot.name}.absmax", "blocks")]
+        return [(slot.name, "elem")]
+
+    def _allocate(self, pack: Pack, group: dict[str, Any]) -> None:
+        pack.storage.clear()
+        pack.forget_views()
+        nblocks = pack.total // quant8.BLOCK if pack.quantized else 0
+        for slot in self._slots(group, pack):
+            for key, kind in self._slot_keys(slot, pack):
+                if kind == "blocks":
+                    buf = torch.zeros(nblocks, dtype=torch.float32, device=pack.device)
+                elif key.endswith(".q"):
+                    buf = torch.zeros(pack.total, dtype=torch.uint8, device=pack.device)
+                else:
+                    dtype = pack.dtype if slot.dtype == "param" else torch.float32
+                    buf = torch.zeros(pack.total, dtype=dtype, device=pack.device)
+                pack.storage[key] = buf
+                views = pack.block_views(buf) if kind == "blocks" else pack.views(buf)
+                for p, view in zip(pack.params, views):
+                    self.state[p][key] = view
+
+    def _init_state(self) -> None:
+        self._packs = []
+        for gi, group in enumerate(self.param_groups):
+            packs = plan_packs(gi, group["params"], self._quantize_param(group))
+            for pack in packs:
+                self._allocate(pack, group)
+            self._packs.append(packs)
+        self._on_state_init()
+
+    def _on_state_init(self) -> None:
+        """Hook for subclasses that derive extra state once the layout exists."""
+
+    def _scratch(self, name: str, pack: Pack, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._pool.get(name, pack.total, dtype, pack.device)
+        if self._pool.generation != self._pool_generation and self._packs is not None:
+            self._pool_generation = self._pool.generation
+            for packs in self._packs:  # a grown buffer invalidates cached views of the old one
+                for other in packs:
+                    other.forget_views()
+        return buf
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(_RNG_SEED)
+            self._generators[key] = gen
+        return gen
+
+    # -- the step -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._packs is None:
+            self._init_state()
+        assert self._packs is not None
+        for group, packs in zip(self.param_groups, self._packs):
+            if not any(p.grad is not None for pack in packs for p in pack.params):
+                continue
+            group["step"] += 1
+            for pack in packs:
+                self._step_pack(pack, group)
+        return loss
+
+    def _step_pack(self, pack: Pack, group: dict[str, Any]) -> None:
+        grads = [p.grad for p in pack.params]
+        present = [g is not None for g in grads]
+        if not any(present):
+            return
+        for p, g in zip(pack.params, grads):
+            if g is not None and g.is_sparse:
+                raise RuntimeError(f"{self.NAME}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
+        if all(present):
+            self._run(pack, group, grads)
+            return
+        # Some parameters have no gradient this step: run on a temporary pack of the others so that the
+        # rest keep their state and values untouched.
+        sub = Pack(pack.group_index, pack.device, pack.dtype, pack.quantized,
+                   [p for p, ok in zip(pack.params, present) if ok])
+        for key, buf in pack.storage.items():
+            sub_buf = torch.zeros(sub.total // quant8.BLOCK if key.endswith(".absmax") else sub.total,
+                                  dtype=buf.dtype, device=buf.device)
+            sub.storage[key] = sub_buf
+            sub_views = sub.block_views(sub_buf) if key.endswith(".absmax") else sub.views(sub_buf)
+            torch._foreach_copy_(sub_views, [self.state[p][key] for p in sub.params])
+        self._run(sub, group, [g for g in grads if g is not None])
+        for key, sub_buf in sub.storage.items():
+            sub_views = sub.block_views(sub_buf) if key.endswith(".absmax") else sub.views(sub_buf)
+            torch._foreach_copy_([self.state[p][key] for p in sub.params], sub_views)
+
+    def _run(self, pack: Pack, group: dict[str, Any], grads: list[torch.Tensor]) -> None:
+        g = self._scratch("g", pack)
+        torch._foreach_copy_(pack.views(g), grads)
+        if pack.pad_index is not None:
+            g.index_fill_(0, pack.pad_index, 0.0)
+        states: dict[str, torch.Tensor] = {}
+        quantized: list[Slot] = []
+        for slot in self._slots(group, pack):
+            if pack.quantized and slot.quantizable:
+                out = None if pack.device.type == "cpu" else self._scratch(f"deq.{slot.name}", pack)
+                states[slot.name] = quant8.dequantize(pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed, out=out)
+                quantized.append(slot)
+            else:
+                states[slot.name] = pack.storage[slot.name]
+        ctx = StepContext(self, pack, group, g, states)
+        for tech in self.techniques(group):
+            tech.run(ctx)
+        for slot in quantized:
+            quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["hina"] = {
+            "format": FORMAT_VERSION,
+            "optimizer": self.NAME,
+            "rng": {dev: gen.get_state() for dev, gen in self._generators.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        meta = state_dict.get("hina") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or meta.get("optimizer") != self.NAME:
+            found = meta.get("optimizer") if isinstance(meta, dict) else "an optimizer outside sd_hina_plugin"
+            raise ValueError(f"{self.NAME}.load_state_dict: this state dict was saved by {found}, not by {self.NAME}")
+        if meta.get("format", 0) > FORMAT_VERSION:
+            raise ValueError(f"{self.NAME}.load_state_dict: state format {meta['format']} is newer than this version ({FORMAT_VERSION}); upgrade sd_hina_plugin")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{self.NAME}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)} (did the network, LoRA+ or block-lr settings change since it was saved?)")
+        id_map: dict[Any, torch.Tensor] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{self.NAME}.load_state_dict: param group {gi} has {len(saved['params'])} parameters in the checkpoint "
+                    f"and {len(group['params'])} here")
+            id_map.update(zip(saved["params"], group["params"]))
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, value in saved.items():
+                if key not in ("params", "param_names"):
+                    group[key] = value
+        self._init_state()
+        for sid, saved_state in state_dict["state"].items():
+            if sid not in id_map:
+                raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
+            p = id_map[sid]
+            ours = self.state[p]
+            missing, extra = sorted(set(ours) - set(saved_state)), sorted(set(saved_state) - set(ours))
+            if missing or extra:
+                raise ValueError(
+                    f"{self.NAME}.load_state_dict: state of parameter {sid} (shape {tuple(p.shape)}) does not match this "
+                    f"configuration: missing {missing}, unexpected {extra} (were optim_bits or a technique switch changed?)")
+            for key, value in saved_state.items():
+                if isinstance(value, torch.Tensor):
+                    if value.shape != ours[key].shape:
+                        raise ValueError(f"{self.NAME}.load_state_dict: {key} of parameter {sid} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}")
+                    ours[key].copy_(value)
+                else:
+                    ours[key] = value
+        for dev, rng in meta.get("rng", {}).items():
+            if torch.device(dev).type == "cpu" or torch.cuda.is_available():
+                self._generator(torch.device(dev)).set_state(rng.cpu())
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def group_name(self, index: int) -> str:
+        return str(self.param_groups[index].get("hina_desc") or f"group{index}")
+
+    def stats(self) -> dict[str, float]:
+        """Flat ``hina/...`` scalars for TensorBoard. The only method that reads device values."""
+        out: dict[str, float] = {}
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            out[f"hina/lr/{self.group_name(i)}"] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        for key, value in self._stats.items():
+            out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (distinct storages of every state tensor)."""
+        seen: dict[int, int] = {}
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    storage = value.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def get_optimization_info(self) -> dict[str, Any]:
+        groups = []
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.requires_grad]
+            groups.append({
+                "name": self.group_name(i),
+                "params": len(params),
+                "numel": sum(p.numel() for p in params),
+                "lr": float(group["lr"]) if not isinstance(group["lr"], torch.Tensor) else group["lr"].item(),
+                "step": group["step"],
+                "techniques": [t.name for t in self.techniques(group)],
+            })
+        numel = sum(g["numel"] for g in groups)
+        return {
+            "optimizer": self.NAME,
+            "config": self.config.as_dict(),
+            "techniques": {t.name: t.summary for t in self.TECHNIQUES},
+            "param_groups": groups,
+            "total_params": numel,
+            "state_bytes": self.state_bytes(),
+            "state_bytes_per_param": self.state_bytes() / numel if numel else math.nan,
+            "scratch_bytes": self._pool.nbytes(),
+            "packs": [len(p) for p in self._packs] if self._packs is not None else None,
+        }

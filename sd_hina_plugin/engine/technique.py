@@ -1,0 +1,68 @@
+"""What a technique declares: its arguments, its state slots, the stage it runs in, and its tensor code.
+
+A named optimizer is an ordered tuple of techniques (see ``optimizers/``). At every step, for every pack
+of same-device, same-dtype tensors (see ``engine/pack.py``), the engine calls each enabled technique's
+``run(ctx)`` in the declared order. Stages make the order checkable: a technique may only follow
+techniques of the same or an earlier stage.
+
+Stages, in order:
+
+``grad``       transform the raw gradient ``ctx.g`` (OrthoGrad, AGR, ...)
+``moments``    update running statistics from ``ctx.g`` (Adam moments, CAME factors, ...)
+``direction``  write the update direction into ``ctx.u`` (Adam normalization, Grams, Cautious, SinkGD, ...)
+``scale``      per-element learning-rate multipliers into ``ctx.lr_scale`` (lr masks, LoRA+ ratios, ...)
+``apply``      how the parameter changes (decoupled weight decay, the step itself); exactly one
+               technique of the optimizer owns the final write (``writes_params = True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import Field
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StepContext
+
+STAGES = ("grad", "moments", "direction", "scale", "apply")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A per-parameter state tensor, stored flat per pack and exposed as ``state[p][name]``.
+
+    ``quantizable``: stored blockwise 8-bit (``name.q`` uint8 codes + ``name.absmax`` fp32) when the pack
+    uses 8-bit state; ``signed`` picks the quantization map. ``dtype`` ``"fp32"`` keeps full precision,
+    ``"param"`` uses the parameter's dtype (e.g. a Kahan compensation buffer). ``low_precision_only``
+    allocates the slot only for packs of bf16/fp16 parameters.
+    """
+
+    name: str
+    quantizable: bool = False
+    signed: bool = True
+    dtype: str = "fp32"
+    low_precision_only: bool = False
+
+
+class Technique:
+    """Base class. Subclasses set the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
+    fields: ClassVar[tuple[Field, ...]] = ()
+    slots: ClassVar[tuple[Slot, ...]] = ()
+    writes_params: ClassVar[bool] = False
+    #: one-line description and paper, shown by ``sd-hina show`` and get_optimization_info()
+    summary: ClassVar[str] = ""
+
+    def enabled(self, hp: Any) -> bool:
+        """Whether this technique runs for a param group ``hp``; techniques with a switch override it."""
+        return True
+
+    def slots_for(self, hp: Any, low_precision: bool) -> tuple[Slot, ...]:
+        """The slots this technique needs for a pack (``low_precision``: bf16/fp16 parameters)."""
+        return tuple(s for s in self.slots if low_precision or not s.low_precision_only)
+
+    def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,23 @@
+"""Build a named optimizer's config class from its techniques' fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+from ..config import ConfigBase, Field, make_config
+from ..engine.technique import Technique
+
+
+def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field] = (),
+               defaults: Mapping[str, Any] | None = None) -> type[ConfigBase]:
+    """Fields of every technique (switched on or not: a switch is an argument too), plus ``extra``,
+    with this optimizer's own ``defaults``."""
+    fields: dict[str, Field] = {}
+    for spec in [f for t in techniques for f in t.fields] + list(extra):
+        fields.setdefault(spec.name, spec)
+    for key, value in (defaults or {}).items():
+        if key not in fields:
+            raise ValueError(f"{name}: default given for unknown field {key!r}")
+        fields[key] = dataclasses.replace(fields[key], default=value)
+    return make_config(name, fields.values())

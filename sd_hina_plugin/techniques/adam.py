@@ -1,0 +1,53 @@
+"""Adam's moments and normalization (Kingma & Ba, arXiv 1412.6980; decoupled decay: Loshchilov & Hutter, 1711.05101).
+
+With ``t`` the group step, ``g`` the gradient:
+
+    m <- b1 m + (1 - b1) g              v <- b2 v + (1 - b2) g^2
+    u  = m / (sqrt(v) / sqrt(1 - b2^t) + eps),   applied with lr / (1 - b1^t)
+
+This is the arithmetic of ``torch.optim.AdamW`` and of bitsandbytes' 8-bit AdamW (which runs it between a
+blockwise dequantize and requantize of m and v).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Slot, Technique
+
+BETAS = Field("betas", "floats", (0.9, 0.999), "Adam's decay rates (b1, b2) of the first and second moment.",
+              low=0.0, high=1.0, high_open=True, length=2)
+EPS = Field("eps", "float", 1e-8, "Added to the root of the second moment (Adam's epsilon).", low=0.0, high=1.0)
+
+
+class AdamMoments(Technique):
+    name = "adam_moments"
+    stage = "moments"
+    fields = (BETAS,)
+    slots = (Slot("exp_avg", quantizable=True, signed=True), Slot("exp_avg_sq", quantizable=True, signed=False))
+    summary = "Adam first and second moment EMAs (8-bit blockwise when optim_bits=8)"
+
+    def run(self, ctx) -> None:
+        b1, b2 = ctx.hp["betas"]
+        m, v, g = ctx.state("exp_avg"), ctx.state("exp_avg_sq"), ctx.g
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+
+
+class AdamNormalize(Technique):
+    name = "adam_normalize"
+    stage = "direction"
+    fields = (EPS,)
+    summary = "u = m_hat / (sqrt(v_hat) + eps) with bias correction"
+
+    def run(self, ctx) -> None:
+        b1, b2 = ctx.hp["betas"]
+        t = ctx.step
+        denom = ctx.scratch("adam_denom")
+        torch.sqrt(ctx.state("exp_avg_sq"), out=denom)
+        denom.div_(math.sqrt(1.0 - b2 ** t)).add_(ctx.hp["eps"])
+        torch.div(ctx.state("exp_avg"), denom, out=ctx.u)
+        ctx.step_scale /= 1.0 - b1 ** t
