@@ -200,7 +200,7 @@ class ConfigBase:
             key, raw = split_arg(item, cls.OWNER)
             if key in values:
                 raise ValueError(f"{cls.OWNER}: argument {key!r} given twice")
-            values[key] = raw
+            values[key] = _parse_text(raw)
         return cls.from_kwargs(values)
 
     @classmethod

@@ -1,0 +1,68 @@
+"""Measuring what a step costs: dispatched ops, host syncs, state bytes.
+
+:class:`OpCounter` is a ``TorchDispatchMode``: every ATen op that reaches the dispatcher while it is active is
+counted once (a ``_foreach_*`` op over 400 tensors counts as one, which is the point). Host syncs are the
+ops through which a device value reaches Python: ``aten._local_scalar_dense`` (``.item()``, ``float(t)``,
+``int(t)``), ``aten.is_nonzero`` (``bool(t)``, ``if t:``) and ``aten.item``. They are syncs on CUDA and
+count the same on CPU, so the check runs anywhere.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.equal")
+
+
+class OpCounter(TorchDispatchMode):
+    """Count ATen ops (by overload packet name) dispatched inside the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket).replace("aten::", "aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(n for name, n in self.ops.items() if name in SYNC_OPS)
+
+    def sync_ops(self) -> dict[str, int]:
+        return {name: n for name, n in self.ops.items() if name in SYNC_OPS}
+
+
+def count_step(optimizer: torch.optim.Optimizer) -> OpCounter:
+    """Run ``optimizer.step()`` once under an :class:`OpCounter` and return the counter."""
+    with OpCounter() as counter:
+        optimizer.step()
+    return counter
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors, each distinct storage counted once (any optimizer)."""
+    seen: dict[tuple[str, int], int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for state in optimizer.state.values():
+        visit(state)
+    return sum(seen.values())

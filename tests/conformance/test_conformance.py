@@ -1,0 +1,231 @@
+"""The conformance suite: every registered optimizer, with its defaults and with every preset in configs/.
+
+A new optimizer passes this by being registered; it needs no test code of its own here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from support import lora_problem, loss_on, make, roundtrip, train, trainable, variants
+
+from sd_hina_plugin import registry
+from sd_hina_plugin.diagnostics import count_step
+
+VARIANTS = variants()
+IDS = [v[0] for v in VARIANTS]
+
+
+@pytest.fixture(params=VARIANTS, ids=IDS)
+def variant(request):
+    _, name, kwargs, lr = request.param
+    return name, kwargs, lr
+
+
+# -- arguments ------------------------------------------------------------------------------------------------
+
+def _bad_values(field):
+    """(value, exception type) pairs every field must reject."""
+    bad = [([1, 2, 3, 4, 5], TypeError)] if field.kind != "floats" else [("nope", TypeError)]
+    if field.kind == "bool":
+        bad.append(("maybe", TypeError))
+    if field.kind in ("float", "int", "floats"):
+        bad.append(({"a": 1}, TypeError))
+        if field.low is not None:
+            below = field.low - 1.0 if field.kind != "int" else int(field.low) - 1
+            bad.append(((below,) * field.length if field.kind == "floats" else below, ValueError))
+        if field.high is not None:
+            above = field.high + 1.0 if field.kind != "int" else int(field.high) + 1
+            bad.append(((above,) * field.length if field.kind == "floats" else above, ValueError))
+    if field.choices:
+        bad.append(("not_a_choice" if field.kind == "str" else 12345, ValueError))
+    return bad
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+def test_bad_arguments_rejected_with_clear_message(spec):
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    for field in spec.config.field_specs():
+        for value, exc in _bad_values(field):
+            with pytest.raises(exc) as info:
+                spec.cls(params, **{field.name: value})
+            message = str(info.value)
+            assert spec.name in message and repr(field.name) in message, message
+            assert repr(value) in message, message
+    with pytest.raises(ValueError, match=r"did you mean 'weight_decay'"):
+        spec.cls(params, weight_decy=0.1)
+    with pytest.raises(ValueError, match="empty"):
+        spec.cls([])
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+def test_config_string_round_trip(spec):
+    cfg = spec.config()
+    assert spec.config.from_strings(cfg.to_strings()) == cfg
+    assert spec.config.from_kwargs(cfg.as_dict()) == cfg
+
+
+def test_complex_and_integer_params_rejected(variant):
+    name, kwargs, lr = variant
+    with pytest.raises(TypeError, match="complex"):
+        make(name, [torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))], lr, **kwargs)
+
+
+# -- training -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_loss_decreases(variant, dtype):
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=dtype)
+    before = loss_on(model, data)
+    opt = make(name, trainable(model), lr, **kwargs)
+    train(model, opt, data, 60)
+    after = loss_on(model, data)
+    assert math.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+def test_params_without_grad_untouched(variant):
+    name, kwargs, lr = variant
+    model, data = lora_problem()
+    params = trainable(model)
+    opt = make(name, params, lr, **kwargs)
+    frozen = params[1]  # conv lora_up
+    train(model, opt, data, 2)
+    value = frozen.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[frozen].items() if isinstance(v, torch.Tensor)}
+    others = [p.detach().clone() for p in params if p is not frozen]
+    for i in range(3):
+        x, y = data[i % len(data)]
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        frozen.grad = None
+        opt.step()
+    assert torch.equal(frozen, value)
+    for key, old in state.items():
+        assert torch.equal(opt.state[frozen][key], old), key
+    moved = [not torch.equal(p, old) for p, old in zip([p for p in params if p is not frozen], others)]
+    assert any(moved)
+
+
+def test_requires_grad_false_member_untouched(variant):
+    name, kwargs, lr = variant
+    a = torch.nn.Parameter(torch.randn(8, 8))
+    b = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    opt = make(name, [a, b], lr, **kwargs)
+    before = b.detach().clone()
+    for _ in range(3):
+        a.grad = torch.randn_like(a)
+        opt.step()
+    assert torch.equal(b, before) and len(opt.state[b]) == 0
+
+
+def test_tensor_ranks_move_at_comparable_scale(variant):
+    """1-D, 2-D and 4-D tensors with gradients of equal element scale get updates of comparable size."""
+    name, kwargs, lr = variant
+    torch.manual_seed(0)
+    shapes = {"1d": (64,), "2d": (16, 64), "4d": (8, 16, 3, 3), "scalar": ()}
+    params = {k: torch.nn.Parameter(0.1 * torch.randn(s)) for k, s in shapes.items()}
+    opt = make(name, list(params.values()), lr, **kwargs)
+    start = {k: p.detach().clone() for k, p in params.items()}
+    for _ in range(5):
+        for p in params.values():
+            p.grad = 1e-3 * torch.randn_like(p)
+        opt.step()
+    rms = {k: ((p.detach() - start[k]).float().pow(2).mean().sqrt() / lr).item() for k, p in params.items()}
+    assert all(math.isfinite(v) and v > 0 for v in rms.values()), rms
+    ranked = {k: v for k, v in rms.items() if k != "scalar"}
+    assert max(ranked.values()) / min(ranked.values()) < 10.0, rms
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resume_is_bit_exact(variant, dtype):
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=dtype)
+    opt = make(name, trainable(model), lr, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+    for i in range(5):
+        train(model, opt, data, 1, start=i)
+        sched.step()
+    saved_model = roundtrip(model.state_dict())
+    saved_opt = roundtrip(opt.state_dict())
+    saved_sched = roundtrip(sched.state_dict())
+    dtypes = {k: v.dtype for k, v in opt.state[trainable(model)[0]].items() if isinstance(v, torch.Tensor)}
+    for i in range(5, 10):
+        train(model, opt, data, 1, start=i)
+        sched.step()
+
+    model2, _ = lora_problem(dtype=dtype)
+    model2.load_state_dict(saved_model)
+    opt2 = make(name, trainable(model2), lr, **kwargs)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (1 + 0.1 * s))
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    assert {k: v.dtype for k, v in opt2.state[trainable(model2)[0]].items() if isinstance(v, torch.Tensor)} == dtypes
+    for i in range(5, 10):
+        train(model2, opt2, data, 1, start=i)
+        sched2.step()
+    for p, q in zip(trainable(model), trainable(model2)):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt2.state[q][key]), key
+
+
+def test_state_dict_of_other_optimizer_rejected(variant):
+    name, kwargs, lr = variant
+    model, data = lora_problem()
+    adamw = torch.optim.AdamW(trainable(model))
+    train(model, adamw, data, 1)
+    opt = make(name, trainable(model), lr, **kwargs)
+    with pytest.raises(ValueError, match="not by"):
+        opt.load_state_dict(adamw.state_dict())
+    train(model, opt, data, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    first = next(iter(sd["state"].values()))
+    first.pop(next(k for k, v in first.items() if isinstance(v, torch.Tensor)))
+    with pytest.raises(ValueError, match="missing"):
+        make(name, trainable(model), lr, **kwargs).load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["param_groups"] = sd["param_groups"] * 2
+    with pytest.raises(ValueError, match="param groups"):
+        make(name, trainable(model), lr, **kwargs).load_state_dict(sd)
+
+
+# -- cost -----------------------------------------------------------------------------------------------------
+
+def test_no_host_syncs_in_step(variant):
+    name, kwargs, lr = variant
+    model, data = lora_problem()
+    opt = make(name, trainable(model), lr, **kwargs)
+    for i in range(6):
+        x, y = data[i % len(data)]
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        counter = count_step(opt)
+        assert counter.syncs == 0, counter.sync_ops()
+
+
+def _same_shape_lora(n: int):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 96) * 0.02) for _ in range(n // 2)]
+    params += [torch.nn.Parameter(torch.zeros(96, 16)) for _ in range(n // 2)]
+    return params
+
+
+def test_op_count_independent_of_tensor_count(variant):
+    name, kwargs, lr = variant
+    counts = []
+    for n in (200, 400):
+        params = _same_shape_lora(n)
+        opt = make(name, params, lr, **kwargs)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            counter = count_step(opt)
+        counts.append(counter.total)
+    assert counts[0] == counts[1], counts

@@ -1,0 +1,50 @@
+"""Pack layout: shape buckets, matrix views of conv kernels, padding, op counts."""
+
+from __future__ import annotations
+
+import torch
+
+from sd_hina_plugin.engine.pack import Pack, plan_packs
+
+
+def test_buckets_view_same_shape_params_without_copy():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (3,), (4, 6), (2, 3, 3, 3), (4, 6)]]
+    for quantized in (False, True):
+        (pack,) = plan_packs(0, params, lambda p: quantized)
+        flat = torch.zeros(pack.total)
+        for view, p in zip(pack.views(flat), pack.params):
+            view.copy_(p.detach())
+        by_shape = {b.shape: b for b in pack.buckets}
+        assert by_shape[(4, 6)].count == 3
+        batch = by_shape[(4, 6)].view(flat)
+        assert batch.shape == (3, 4, 6)
+        assert batch.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        members = [p for p in pack.params if tuple(p.shape) == (4, 6)]
+        for i, p in enumerate(members):
+            assert torch.equal(batch[i], p.detach())
+        conv = by_shape[(2, 3, 3, 3)].matrix(flat)
+        assert conv.shape == (1, 2, 27)
+        batch.mul_(2)  # a view: writes land in the flat buffer
+        index = next(i for i, p in enumerate(pack.params) if p is members[0])
+        assert torch.equal(pack.views(flat)[index], 2 * members[0].detach())
+
+
+def test_plan_splits_by_dtype_and_precision_and_skips_frozen():
+    a = torch.nn.Parameter(torch.randn(8))
+    b = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    c = torch.nn.Parameter(torch.randn(5000))
+    d = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    e = torch.nn.Parameter(torch.randn(0))
+    packs = plan_packs(0, [a, b, c, d, e], lambda p: p.numel() >= 4096)
+    keyed = {(pk.dtype, pk.quantized): [id(p) for p in pk.params] for pk in packs}
+    assert keyed == {(torch.float32, False): [id(a)], (torch.bfloat16, False): [id(b)], (torch.float32, True): [id(c)]}
+    quantized = next(pk for pk in packs if pk.quantized)
+    assert quantized.total % 256 == 0 and quantized.pad_index.numel() == quantized.total - 5000
+
+
+def test_chunking_caps_pack_size(monkeypatch):
+    import sd_hina_plugin.engine.pack as pack_module
+    monkeypatch.setattr(pack_module, "CHUNK", 100)
+    params = [torch.nn.Parameter(torch.randn(40)) for _ in range(5)]
+    packs = plan_packs(0, params, lambda p: False)
+    assert [len(p.params) for p in packs] == [2, 2, 1]

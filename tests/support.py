@@ -1,0 +1,150 @@
+"""Shared test helpers: a small kohya-named LoRA problem, configs for every registered optimizer."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sd_hina_plugin
+from sd_hina_plugin import registry
+from sd_hina_plugin.config import load_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a kohya-style LoRA branch: up(down(x)), up zero-initialised."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.base.requires_grad_(False)
+        self.lora_down = nn.Linear(d_in, rank, bias=False)
+        self.lora_up = nn.Linear(rank, d_out, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_up(self.lora_down(x))
+
+
+class LoRAConv(nn.Module):
+    """A frozen 3x3 conv plus a LoCon branch: down (r, in, 3, 3), up (out, r, 1, 1)."""
+
+    def __init__(self, c_in: int, c_out: int, rank: int):
+        super().__init__()
+        self.base = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.base.requires_grad_(False)
+        self.lora_down = nn.Conv2d(c_in, rank, 3, padding=1, bias=False)
+        self.lora_up = nn.Conv2d(rank, c_out, 1, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_up(self.lora_down(x))
+
+
+class TinyLoRANet(nn.Module):
+    """Conv LoRA -> pooled -> two linear LoRAs, with a trainable 1-D scale (DoRA-magnitude-like)."""
+
+    def __init__(self, rank: int = 4):
+        super().__init__()
+        self.conv = LoRAConv(3, 8, rank)
+        self.fc1 = LoRALinear(8 * 16, 32, rank)
+        self.fc2 = LoRALinear(32, 16, rank)
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = nn.functional.avg_pool2d(h, 2).flatten(1)
+        h = torch.tanh(self.fc1(h))
+        return self.fc2(h) * self.scale
+
+    def lora_named_parameters(self):
+        """Names as kohya's LoRA network reports them."""
+        for module, name in ((self.conv, "lora_unet_conv_in"), (self.fc1, "lora_unet_mid_block_attn_to_q"),
+                             (self.fc2, "lora_te1_text_model_encoder_layers_0_mlp_fc1")):
+            yield f"{name}.lora_down.weight", module.lora_down.weight
+            yield f"{name}.lora_up.weight", module.lora_up.weight
+        yield "lora_unet_out.scale", self.scale
+
+
+def lora_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(student, teacher, batches): fit the student's LoRA branches to a teacher with shifted weights."""
+    torch.manual_seed(seed)
+    student = TinyLoRANet()
+    teacher = TinyLoRANet()
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        for module in (teacher.conv, teacher.fc1, teacher.fc2):
+            module.base.weight.add_(0.3 * module.base.weight.std() * torch.randn_like(module.base.weight))
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(4)]
+    targets = [teacher(x).detach() for x in batches]
+    student.to(dtype)
+    return student, list(zip([b.to(dtype) for b in batches], [t.to(dtype) for t in targets]))
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def loss_on(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return sum(nn.functional.mse_loss(model(x).float(), y.float()).item() for x, y in data) / len(data)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data, steps: int, start: int = 0) -> None:
+    for i in range(start, start + steps):
+        x, y = data[i % len(data)]
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        opt.step()
+
+
+def roundtrip(obj):
+    """torch.save then torch.load(weights_only=True), as a checkpoint on disk would be."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def problem_lr(spec) -> float:
+    """The lr the conformance problem trains with: the class's ``SUGGESTED_LR`` or its default lr.
+
+    Presets suggest lrs for real SD/SDXL training; the tiny problem here needs the same lr for every variant
+    of an optimizer, so presets contribute their arguments, not their learning_rate.
+    """
+    return getattr(spec.cls, "SUGGESTED_LR", None) or spec.config().lr
+
+
+def variants() -> list[tuple[str, str, dict, float]]:
+    """(test id, optimizer name, kwargs, lr) for every registered optimizer and every preset.
+
+    Each optimizer runs with its defaults; one with 8-bit state also with ``min_8bit_size=0`` so that the
+    8-bit path covers the small test tensors; and each preset with its ``optimizer_args``.
+    """
+    out = []
+    for spec in registry.specs():
+        lr = problem_lr(spec)
+        out.append((f"{spec.name}-defaults", spec.name, {}, lr))
+        fields = spec.config.FIELDS
+        if "min_8bit_size" in fields:
+            kwargs = {"min_8bit_size": 0}
+            if "optim_bits" in fields:
+                kwargs["optim_bits"] = 8
+            out.append((f"{spec.name}-all8bit", spec.name, kwargs, lr))
+    for path in PRESETS:
+        preset = load_preset(path)
+        spec = registry.resolve(preset["optimizer_type"])
+        config = spec.config.from_strings(preset["optimizer_args"])
+        given = {a.partition("=")[0].strip() for a in preset["optimizer_args"]}
+        out.append((f"{spec.name}-{path.stem}", spec.name, {k: getattr(config, k) for k in given}, problem_lr(spec)))
+    return out
+
+
+def make(name: str, params, lr: float, **kwargs):
+    return sd_hina_plugin.create_optimizer(name, params, lr=lr, **kwargs)

@@ -1,0 +1,56 @@
+"""Registry and public API."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import sd_hina_plugin
+from sd_hina_plugin import registry
+
+
+def test_every_registered_class_is_importable_from_the_top_level():
+    for spec in registry.specs():
+        module, _, name = f"sd_hina_plugin.{spec.name}".rpartition(".")
+        assert getattr(importlib.import_module(module), name) is spec.cls  # kohya's dotted-path import
+        for alias in spec.aliases:
+            assert getattr(sd_hina_plugin, alias) is spec.cls
+
+
+def test_no_name_trips_kohya_suffix_branches():
+    for spec in registry.specs():
+        for name in (spec.name, *spec.aliases):
+            assert not name.lower().endswith(("8bit", "schedulefree")), name
+
+
+def test_list_and_resolve():
+    listed = sd_hina_plugin.list_optimizers()
+    assert {"HinaAdamWCore"} <= {item["name"] for item in listed}
+    assert all(item["summary"] for item in listed)
+    assert registry.resolve("hinaadamwcore").name == "HinaAdamWCore"
+    assert registry.resolve("sd_hina_plugin.HinaAdamWCore").name == "HinaAdamWCore"
+    with pytest.raises(ValueError, match="did you mean 'HinaAdamWCore'"):
+        registry.resolve("HinaAdamWCorr")
+
+
+def test_create_optimizer_accepts_strings_dicts_and_kwargs():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = sd_hina_plugin.create_optimizer("HinaAdamWCore", params, lr=0.1, args=["weight_decay=0.5", "betas=0.8,0.9"])
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert opt.param_groups[0]["weight_decay"] == 0.5
+    opt = sd_hina_plugin.create_optimizer("HinaAdamWCore", params, args={"eps": 1e-6}, weight_decay=0.0)
+    assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="both"):
+        sd_hina_plugin.create_optimizer("HinaAdamWCore", params, args={"eps": 1e-6}, eps=1e-7)
+
+
+def test_kohya_style_groups_with_dict_values_and_lr_keyword():
+    """kohya passes [{"params": dict_values, "lr": x}, ...] and lr= as a keyword."""
+    a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4, 4))
+    groups = [{"params": {"a": a}.values(), "lr": 5e-5}, {"params": {"b": b}.values(), "lr": 1e-4}]
+    opt = sd_hina_plugin.HinaAdamWCore(groups, lr=1e-3, weight_decay=0.01)
+    assert [g["lr"] for g in opt.param_groups] == [5e-5, 1e-4]
+    with pytest.raises(ValueError, match="'lr' = -1"):
+        sd_hina_plugin.HinaAdamWCore([{"params": [a], "lr": -1.0}])
