@@ -59,12 +59,15 @@ class Field:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind == "str":
             return "a string"
-        lo = "-inf" if self.low is None else repr(self.low)
-        hi = "inf" if self.high is None else repr(self.high)
-        interval = f"{'(' if self.low is None or self.low_open else '['}{lo}, {hi}{')' if self.high is None or self.high_open else ']'}"
+        interval = self.interval_text()
         if self.kind == "floats":
             return f"{self.length} numbers, each in {interval}"
         return f"{'an integer' if self.kind == 'int' else 'a number'} in {interval}"
+
+    def interval_text(self) -> str:
+        lo = "-inf" if self.low is None else repr(self.low)
+        hi = "inf" if self.high is None else repr(self.high)
+        return f"{'(' if self.low is None or self.low_open else '['}{lo}, {hi}{')' if self.high is None or self.high_open else ']'}"
 
     # -- coercion -------------------------------------------------------------------------------------
     def coerce(self, value: Any, owner: str = "optimizer") -> Any:
@@ -104,7 +107,8 @@ class Field:
                 raise ValueError(f"{where}: expected {self.length} numbers, got {len(value)}")
             numbers = tuple(self._number(v, where) for v in value)
             for i, v in enumerate(numbers):
-                self._check_range(v, f"{where}: element {i + 1}")
+                if not self._in_range(v):
+                    raise ValueError(f"{where}: element {i + 1} ({v!r}) must be in {self.interval_text()}")
             return numbers
         # str
         if not isinstance(value, str):
@@ -121,10 +125,13 @@ class Field:
             raise ValueError(f"{where}: NaN is not allowed")
         return number
 
-    def _check_range(self, v: float, where: str) -> None:
+    def _in_range(self, v: float) -> bool:
         too_low = self.low is not None and (v < self.low or (self.low_open and v == self.low))
         too_high = self.high is not None and (v > self.high or (self.high_open and v == self.high))
-        if too_low or too_high:
+        return not (too_low or too_high)
+
+    def _check_range(self, v: float, where: str) -> None:
+        if not self._in_range(v):
             raise ValueError(f"{where}: must be {self.range_text()}")
 
     def to_text(self, value: Any) -> str:

@@ -46,7 +46,7 @@ def test_value_containing_equals_sign_is_kept_whole():
 @pytest.mark.parametrize("kwargs, exc, fragment", [
     ({"lr": -1.0}, ValueError, "'lr' = -1.0: must be a number in [0.0, inf)"),
     ({"lr": "fast"}, TypeError, "'lr' = 'fast' (str): expected a number"),
-    ({"betas": (0.9, 1.0)}, ValueError, "element 2 must be 2 numbers, each in [0.0, 1.0)"),
+    ({"betas": (0.9, 1.0)}, ValueError, "element 2 (1.0) must be in [0.0, 1.0)"),
     ({"betas": (0.9,)}, ValueError, "expected 2 numbers, got 1"),
     ({"use_x": "maybe"}, TypeError, "'use_x' = 'maybe' (str): expected True or False"),
     ({"steps": 2.5}, ValueError, "'steps' = 2.5: expected an integer"),

@@ -1,0 +1,151 @@
+"""Optimizer step cost: median ms/step, ratio to torch.optim.AdamW(foreach=True) in the same process,
+dispatched ops and host syncs per step, and state bytes per parameter.
+
+Parameter sets (fp32 unless --dtype bf16):
+  lora  200 x (16x768) + 200 x (768x16)  = 4.92 M params in 400 tensors (a rank-16 LoRA shape mix)
+  full  3 x (4096x4096)                  = 50.3 M params in 3 tensors (full fine-tuning)
+
+Optimizers are given as NAME[:key=value,...]: any registered sd_hina_plugin optimizer, or the baselines
+torch.AdamW (foreach, the reference), torch.AdamW.fused, bnb.AdamW8bit. Each optimizer works on its own copy
+of the parameters; steps are interleaved round-robin so machine load affects all of them alike.
+
+    python scripts/bench_step.py --set lora --set full \
+        --opt torch.AdamW.fused --opt bnb.AdamW8bit --opt HinaAdamWCore --opt HinaAdamWCore:optim_bits=8
+
+On CPU use one intra-op thread (the default here): two threads made small kernels slower on 2-core machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sd_hina_plugin  # noqa: E402
+from sd_hina_plugin.config import _parse_text  # noqa: E402
+from sd_hina_plugin.diagnostics import count_step, state_bytes  # noqa: E402
+
+SETS = {
+    "lora": [(16, 768)] * 200 + [(768, 16)] * 200,
+    "full": [(4096, 4096)] * 3,
+}
+REFERENCE = "torch.AdamW"
+
+
+def parse_opt(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")) if rest else []:
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = _parse_text(value)
+    return name, kwargs
+
+
+def build(name: str, kwargs: dict, params: list[torch.nn.Parameter], lr: float):
+    if name == "torch.AdamW":
+        return torch.optim.AdamW(params, lr=lr, foreach=True, **kwargs)
+    if name == "torch.AdamW.fused":
+        return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
+    if name == "bnb.AdamW8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, **kwargs)
+    return sd_hina_plugin.create_optimizer(name, params, lr=lr, **kwargs)
+
+
+def make_params(shapes, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, device, lr: float) -> list[dict]:
+    shapes = SETS[set_name]
+    entries = []
+    for text in [REFERENCE] + [o for o in opts if o != REFERENCE]:
+        name, kwargs = parse_opt(text)
+        params = make_params(shapes, dtype, device)
+        opt = build(name, kwargs, params, lr)
+        entries.append({"label": text, "opt": opt, "params": params, "times": []})
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    for _ in range(warmup):
+        for e in entries:
+            e["opt"].step()
+    for e in entries:  # counted after warm-up: state exists, caches are built
+        counter = count_step(e["opt"])
+        e["ops"], e["syncs"] = counter.total, counter.syncs
+    for rep in range(reps):
+        order = entries[rep % len(entries):] + entries[:rep % len(entries)]
+        for e in order:
+            sync(device)
+            start = time.perf_counter()
+            e["opt"].step()
+            sync(device)
+            e["times"].append(time.perf_counter() - start)
+    ref_ms = statistics.median(entries[0]["times"]) * 1e3
+    rows = []
+    for e in entries:
+        ms = statistics.median(e["times"]) * 1e3
+        rows.append({
+            "set": set_name, "optimizer": e["label"], "median_ms": round(ms, 2),
+            "x_adamw_foreach": round(ms / ref_ms, 2), "ops_per_step": e["ops"], "syncs_per_step": e["syncs"],
+            "state_bytes_per_param": round(state_bytes(e["opt"]) / numel, 3), "tensors": len(shapes), "params": numel,
+        })
+        e["opt"].zero_grad()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| set | optimizer | median ms/step | x AdamW foreach | ops/step | syncs/step | state B/param |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['x_adamw_foreach']:.2f} | "
+                     f"{r['ops_per_step']} | {r['syncs_per_step']} | {r['state_bytes_per_param']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", choices=sorted(SETS), help="parameter set(s); default: lora and full")
+    parser.add_argument("--opt", action="append", help="optimizer NAME[:k=v,...]; default: baselines + every registered optimizer")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer (default 30 lora, 7 full)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    opts = args.opt or ["torch.AdamW.fused", "bnb.AdamW8bit"] + [s["name"] for s in sd_hina_plugin.list_optimizers()]
+    rows = []
+    for set_name in args.set or ["lora", "full"]:
+        reps = args.reps or (30 if set_name == "lora" else 7)
+        rows += run_set(set_name, opts, reps, args.warmup, dtype, device, args.lr)
+    print(f"torch {torch.__version__}, device {device}, {args.dtype}, threads {torch.get_num_threads()}")
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The sd-hina command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from support import PRESETS
+
+from sd_hina_plugin import cli, registry
+
+
+def test_list_and_show(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for spec in registry.specs():
+        assert spec.name in out
+        assert cli.main(["show", spec.name]) == 0
+        shown = capsys.readouterr().out
+        for field in spec.config.field_specs():
+            assert f"  {field.name} ({field.kind})" in shown and field.help in shown
+    assert cli.main(["show", "NoSuchThing"]) == 2
+
+
+def test_validate_presets_and_bad_files(tmp_path, capsys):
+    assert cli.main(["validate", *map(str, PRESETS)]) == 0
+    bad = tmp_path / "user.toml"
+    bad.write_text('[optimizer]\noptimizer_type = "HinaAdamWCore"\n'
+                   'optimizer_args = ["weight_decay=-1", "betas=0.9", "low_precision_update=kahan", "lrr=1"]\n')
+    assert cli.main(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "dotted form" in out and "quote strings" in out
+    assert "unknown argument 'lrr'" in out
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "sd_hina_plugin.cli", "list"], capture_output=True, text=True, check=True)
+    assert "HinaAdamWCore" in result.stdout
