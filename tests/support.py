@@ -148,3 +148,29 @@ def variants() -> list[tuple[str, str, dict, float]]:
 
 def make(name: str, params, lr: float, **kwargs):
     return sd_hina_plugin.create_optimizer(name, params, lr=lr, **kwargs)
+
+
+# -- LoRA-aware test double: the AdamW core plus every per-role scale technique, each behind a switch ---------
+
+from sd_hina_plugin.config import Field  # noqa: E402
+from sd_hina_plugin.engine.base import HinaOptimizer  # noqa: E402
+from sd_hina_plugin.optimizers._declare import config_for  # noqa: E402
+from sd_hina_plugin.techniques.adam import AdamMoments, AdamNormalize  # noqa: E402
+from sd_hina_plugin.techniques.apply import DecoupledStep  # noqa: E402
+from sd_hina_plugin.techniques.lora_scales import AllLoraRowScale, AloraRowScale, LoraPlusRatio  # noqa: E402
+
+USE_PLUS = Field("use_plus", "bool", False, "LoRA+ ratio")
+USE_ALORA = Field("use_alora_rows", "bool", False, "ALoRA rows")
+USE_ALLORA = Field("use_allora", "bool", False, "ALLoRA rows")
+
+
+class RoleScaledAdamW(HinaOptimizer):
+    """Not registered: exercises the per-role scale techniques on the AdamW core."""
+
+    NAME = "RoleScaledAdamW"
+    TECHNIQUES = (AdamMoments(), AdamNormalize(),
+                  LoraPlusRatio(Field("alora_ratio", "float", 16.0, "LoRA+ ratio", low=0.0), switch=USE_PLUS),
+                  AloraRowScale(switch=USE_ALORA),
+                  AllLoraRowScale(Field("eta", "float", 2.0, "ALLoRA eta", low=0.0, low_open=True), switch=USE_ALLORA),
+                  DecoupledStep())
+    Config = config_for(NAME, TECHNIQUES, defaults={"weight_decay": 0.0})

@@ -23,12 +23,16 @@ What the base guarantees for every optimizer:
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
 from ..config import ConfigBase
+from ..lora import discovery
+from ..lora.layout import LoraLayout
 from ..numerics import quant8
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs
@@ -36,6 +40,8 @@ from .technique import STAGES, Slot, Technique
 
 FORMAT_VERSION = 1
 _RNG_SEED = 0x5EED_0001
+logger = logging.getLogger("sd_hina_plugin")
+_KOHYA_MODULES = ("library.train_util", "networks.", "lycoris")
 
 
 def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
@@ -78,8 +84,11 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._pool_generation = 0
         self._stats: dict[str, torch.Tensor | float] = {}
         self._generators: dict[str, torch.Generator] = {}
+        #: per-step results of techniques' ``prepare`` (transient, rebuilt every step)
+        self.step_cache: dict[str, Any] = {}
         super().__init__(params, self.config.as_dict())
         self._check_setup()
+        self._discover_names()
 
     # -- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -114,6 +123,85 @@ class HinaOptimizer(torch.optim.Optimizer):
         wants = self._wants_8bit(group)
         threshold = group.get("min_8bit_size", 4096)
         return lambda p: wants and p.numel() >= threshold
+
+    # -- names and LoRA roles -------------------------------------------------------------------------------
+    def _discover_names(self) -> None:
+        names, source = discovery.names_from_groups(self.param_groups), "param_names"
+        wanted = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+        if not wanted <= names.keys():
+            found = discovery.names_from_kohya_frame(p for g in self.param_groups for p in g["params"])
+            source = "kohya frame"
+            if not (wanted <= (names.keys() | found.keys())) and any(
+                    m.startswith(_KOHYA_MODULES) for m in list(sys.modules)):
+                found = discovery.names_from_module_scan(p for g in self.param_groups for p in g["params"])
+                source = "module scan"
+            names = {**found, **names}
+            if not wanted <= names.keys():
+                source = "none"
+        self._set_layout(names, source)
+
+    def _set_layout(self, names: dict[int, str], source: str) -> None:
+        self._lora = LoraLayout.build(self.param_groups, names, source)
+        self._names_reported = False
+        for packs in self._packs or []:
+            for pack in packs:
+                pack.derived.clear()
+
+    def _report_missing_names(self) -> None:
+        """Say once, at the first step (so a later ``attach_names`` can still supply them), that roles come
+        from shapes, if any enabled technique depends on roles."""
+        if self._names_reported:
+            return
+        self._names_reported = True
+        if self._lora.source == "shape rules" and any(t.uses_roles for g in self.param_groups for t in self.techniques(g)):
+            roles = [self._lora.role(p).value for g in self.param_groups for p in g["params"] if p.requires_grad]
+            logger.warning(
+                "%s: no parameter names, so LoRA/LoKr roles come from shape rules (%d A-like, %d B-like tensors). "
+                "Pass model.named_parameters(), put 'param_names' in the param groups, or call "
+                "optimizer.attach_names(model.named_parameters()).",
+                self.NAME, roles.count("lora_a"), roles.count("lora_b"))
+
+    @property
+    def lora(self) -> LoraLayout:
+        """Roles, adapter modules and pairs of the trainable parameters (see ``lora/layout.py``)."""
+        return self._lora
+
+    def attach_names(self, named_parameters: Any) -> "HinaOptimizer":
+        """Give the optimizer parameter names: an ``nn.Module`` or an iterable of ``(name, parameter)``."""
+        if isinstance(named_parameters, torch.nn.Module):
+            named_parameters = named_parameters.named_parameters()
+        names = {id(p): n for n, p in named_parameters}
+        wanted = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+        covered = len(wanted & names.keys())
+        if not covered:
+            raise ValueError(f"{self.NAME}.attach_names: none of the given names belongs to a parameter of this optimizer")
+        merged = {**discovery.names_from_groups(self.param_groups), **names}
+        self._set_layout(merged, "attach_names" if covered == len(wanted) else "attach_names (partial)")
+        return self
+
+    def diagnose_lora_pairing(self) -> dict[str, Any]:
+        """Per-group role counts, complete modules, unpaired names with shapes, the role of every parameter."""
+        return self._lora.diagnose(self.param_groups)
+
+    def lokr_stats(self, per_module: bool = False) -> dict[str, float]:
+        """Norms of LoKr factors and of their Kronecker products (||w1 ⊗ w2|| = ||w1|| ||w2||). Syncs."""
+        from ..techniques.lora_scales import _SIDES, side_norms
+
+        modules = self._lora.complete("lokr")
+        if not modules:
+            return {}
+        members = [self._lora.members(m) for m in modules]
+        with torch.no_grad():
+            w1, w2 = (side_norms(members, *side) for side in _SIDES["lokr"])
+            kron = w1 * w2
+        out = {}
+        for label, values in (("w1_norm", w1), ("w2_norm", w2), ("kron_norm", kron)):
+            out[f"hina/lokr/{label}_mean"] = values.mean().item()
+            out[f"hina/lokr/{label}_max"] = values.max().item()
+        if per_module:
+            for m, a, b, k in zip(modules, w1.tolist(), w2.tolist(), kron.tolist()):
+                out.update({f"hina/lokr/{m.key}/w1_norm": a, f"hina/lokr/{m.key}/w2_norm": b, f"hina/lokr/{m.key}/kron_norm": k})
+        return out
 
     def techniques(self, group: dict[str, Any]) -> list[Technique]:
         return [t for t in self.TECHNIQUES if t.enabled(group)]
@@ -151,6 +239,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = view
 
     def _init_state(self) -> None:
+        self._report_missing_names()
         self._packs = []
         for gi, group in enumerate(self.param_groups):
             packs = plan_packs(gi, group["params"], self._quantize_param(group))
@@ -190,6 +279,12 @@ class HinaOptimizer(torch.optim.Optimizer):
         if self._packs is None:
             self._init_state()
         assert self._packs is not None
+        self.step_cache.clear()
+        stepping = [g for g, packs in zip(self.param_groups, self._packs)
+                    if any(p.grad is not None for pack in packs for p in pack.params)]
+        for tech in self.TECHNIQUES:
+            if any(tech.enabled(g) for g in stepping):
+                tech.prepare(self)
         for group, packs in zip(self.param_groups, self._packs):
             if not any(p.grad is not None for pack in packs for p in pack.params):
                 continue
@@ -317,6 +412,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             out[f"hina/lr/{self.group_name(i)}"] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         for key, value in self._stats.items():
             out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        out.update(self.lokr_stats())
         return out
 
     def state_bytes(self) -> int:
@@ -352,4 +448,23 @@ class HinaOptimizer(torch.optim.Optimizer):
             "state_bytes_per_param": self.state_bytes() / numel if numel else math.nan,
             "scratch_bytes": self._pool.nbytes(),
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
+            "lora": self._lora_info(),
         }
+
+    def _lora_info(self) -> dict[str, Any]:
+        diag = self._lora.diagnose(self.param_groups)
+        roles: dict[str, int] = {}
+        for entry in diag["parameters"]:
+            roles[entry["role"]] = roles.get(entry["role"], 0) + 1
+        info = {"names_source": diag["names_source"], "roles": roles, "modules": diag["modules"],
+                "unpaired": len(diag["unpaired"]), "split_across_groups": len(diag["split_across_groups"]),
+                "role_techniques": {}}
+        for tech in self.TECHNIQUES:
+            if tech.uses_roles:
+                active = any(tech.enabled(g) for g in self.param_groups)
+                note = "on" if active else "off"
+                applies = getattr(tech, "applies", None)
+                if active and applies is not None and not applies(self):
+                    note = "off: LoRA pairs are split across param groups (kohya loraplus_lr_ratio already sets their lrs)"
+                info["role_techniques"][tech.name] = note
+        return info

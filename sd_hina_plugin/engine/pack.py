@@ -34,6 +34,7 @@ class Bucket:
     start: int
     count: int
     seg: int
+    first: int = 0  # index of the bucket's first parameter in ``Pack.params``
 
     @property
     def numel(self) -> int:
@@ -63,13 +64,15 @@ class Pack:
     total: int = 0
     buckets: list[Bucket] = field(default_factory=list)
     storage: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: per-pack values derived once by techniques (index lists, host scales); never state
+    derived: dict[str, object] = field(default_factory=dict)
     _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     pad_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         offset = 0
         pads: list[torch.Tensor] = []
-        for p in self.params:
+        for index, p in enumerate(self.params):
             self.offsets.append(offset)
             seg = padded(p.numel()) if self.quantized else p.numel()
             if seg != p.numel():
@@ -79,7 +82,7 @@ class Pack:
             if last is not None and last.shape == shape and last.start + last.count * last.seg == offset:
                 last.count += 1
             else:
-                self.buckets.append(Bucket(shape, offset, 1, seg))
+                self.buckets.append(Bucket(shape, offset, 1, seg, index))
             offset += seg
         self.total = offset
         if pads:
@@ -101,6 +104,9 @@ class Pack:
             views = [flat[o:o + p.numel()].view(p.shape if shaped else (p.numel(),)) for o, p in zip(self.offsets, self.params)]
             self._views[key] = views
         return views
+
+    def bucket_params(self, bucket: Bucket) -> list[torch.nn.Parameter]:
+        return self.params[bucket.first:bucket.first + bucket.count]
 
     def block_views(self, absmax: torch.Tensor) -> list[torch.Tensor]:
         key = (absmax.data_ptr(), absmax.dtype, absmax.numel(), "blocks")

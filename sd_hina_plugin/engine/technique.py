@@ -53,12 +53,25 @@ class Technique:
     fields: ClassVar[tuple[Field, ...]] = ()
     slots: ClassVar[tuple[Slot, ...]] = ()
     writes_params: ClassVar[bool] = False
+    #: whether the technique depends on LoRA/LoKr roles (then missing parameter names are reported)
+    uses_roles: ClassVar[bool] = False
     #: one-line description and paper, shown by ``sd-hina show`` and get_optimization_info()
     summary: ClassVar[str] = ""
 
+    #: an optional bool field that switches the technique on (or off, with ``switch_on=False``)
+    switch: Field | None = None
+    switch_on: bool = True
+
     def enabled(self, hp: Any) -> bool:
-        """Whether this technique runs for a param group ``hp``; techniques with a switch override it."""
-        return True
+        """Whether this technique runs for a param group ``hp`` (its ``switch`` field, if it has one)."""
+        return self.switch is None or bool(hp[self.switch.name]) == self.switch_on
+
+    def all_fields(self) -> tuple[Field, ...]:
+        return self.fields + ((self.switch,) if self.switch is not None else ())
+
+    def prepare(self, opt: Any) -> None:
+        """Called once per ``step()`` before any pack runs, for work that spans packs (e.g. LoRA pairs
+        whose halves live in different param groups). Results go in ``opt.step_cache``."""
 
     def slots_for(self, hp: Any, low_precision: bool) -> tuple[Slot, ...]:
         """The slots this technique needs for a pack (``low_precision``: bf16/fp16 parameters)."""

@@ -14,7 +14,7 @@ def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field
     """Fields of every technique (switched on or not: a switch is an argument too), plus ``extra``,
     with this optimizer's own ``defaults``."""
     fields: dict[str, Field] = {}
-    for spec in [f for t in techniques for f in t.fields] + list(extra):
+    for spec in [f for t in techniques for f in t.all_fields()] + list(extra):
         fields.setdefault(spec.name, spec)
     for key, value in (defaults or {}).items():
         if key not in fields:

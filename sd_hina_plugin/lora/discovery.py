@@ -1,0 +1,95 @@
+"""Recovering parameter names when the caller passes none (kohya never does).
+
+Sources, in the order tried:
+
+1. ``param_names`` in the param groups: torch's own mechanism (``Optimizer(model.named_parameters())``),
+   or written by :meth:`HinaOptimizer.attach_names`.
+2. **kohya frame**: when kohya's ``NetworkTrainer.train`` builds the optimizer, its frame has the locals
+   ``network`` (the LoRA network; ``named_parameters()`` gives ``lora_unet_....lora_down.weight``) and
+   ``self`` (the trainer). Walking up from the constructor finds it; this works for every
+   ``*train_network.py`` subclass, which inherit ``train``.
+3. **module scan**: every live ``nn.Module`` with a string attribute ``lora_name`` (kohya LoRAModule, LyCORIS
+   modules, Flux/SD3 LoRA modules) names its own parameters ``f"{lora_name}.{param_name}"``. Costs one
+   pass over the garbage collector's objects (~0.1 s), and is tried only when 1 and 2 found nothing.
+
+Without names the optimizer says so once in the log and classifies by shape (``lora/layout.py``).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+MAX_FRAMES = 64
+
+
+def names_from_groups(param_groups: list[dict[str, Any]]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for group in param_groups:
+        group_names = group.get("param_names")
+        if group_names and len(group_names) == len(group["params"]):
+            names.update((id(p), n) for p, n in zip(group["params"], group_names))
+    return names
+
+
+def _cover(module: nn.Module, wanted: set[int]) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters() if id(p) in wanted}
+
+
+def find_kohya_trainer_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | None:
+    """Locals of the nearest calling frame that looks like kohya's ``NetworkTrainer.train``."""
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < max_frames:
+            local = frame.f_locals
+            trainer, network = local.get("self"), local.get("network")
+            if isinstance(network, nn.Module) and trainer is not None and hasattr(trainer, "generate_step_logs"):
+                return dict(local)
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
+
+
+def names_from_kohya_frame(params: Iterable[torch.Tensor]) -> dict[int, str]:
+    local = find_kohya_trainer_frame()
+    if local is None:
+        return {}
+    return _cover(local["network"], {id(p) for p in params})
+
+
+def names_from_module_scan(params: Iterable[torch.Tensor]) -> dict[int, str]:
+    wanted = {id(p) for p in params}
+    names: dict[int, str] = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, nn.Module):
+                continue
+            lora_name = getattr(obj, "lora_name", None)
+        except Exception:  # objects with unusual __getattr__ / __class__
+            continue
+        if isinstance(lora_name, str):
+            for pname, p in obj.named_parameters():
+                if id(p) in wanted:
+                    names.setdefault(id(p), f"{lora_name}.{pname}")
+    return names
+
+
+def discover(param_groups: list[dict[str, Any]]) -> tuple[dict[int, str], str]:
+    """Names for the trainable parameters and where they came from (``"none"`` if nowhere)."""
+    params = [p for g in param_groups for p in g["params"] if p.requires_grad]
+    wanted = {id(p) for p in params}
+    names = names_from_groups(param_groups)
+    if wanted <= names.keys():
+        return names, "param_names"
+    for source, finder in (("kohya frame", names_from_kohya_frame), ("module scan", names_from_module_scan)):
+        found = finder(params)
+        if found and wanted <= (names.keys() | found.keys()):
+            return {**found, **names}, source
+    return names, "none" if not names else "param_names (partial)"

@@ -1,0 +1,61 @@
+"""Norms of factored weight updates without forming the dense product.
+
+For a LoRA pair ``ΔW = B A`` (B: out x r, A: r x in; conv kernels viewed as matrices):
+
+    ||(B A)_i,:||^2 = b_i (A A^T) b_i^T        (row i of ΔW, from B and the r x r Gram matrix of A)
+    ||B A||_F^2    = sum((B^T B) ⊙ (A A^T))     (both r x r)
+
+For a Kronecker product ``ΔW = w1 ⊗ w2``: ``||w1 ⊗ w2||_F = ||w1||_F ||w2||_F``.
+
+Every function works on lists of tensors and groups them by shape, so the number of ops depends on the
+number of distinct shapes, not on the number of modules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_matrices(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack same-shape tensors as a ``(k, rows, cols)`` batch (conv kernels flattened after dim 0)."""
+    stacked = torch.stack(tensors).float()
+    return stacked.view(stacked.shape[0], stacked.shape[1] if stacked.dim() > 1 else 1, -1)
+
+
+def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    classes: dict[tuple, list[int]] = {}
+    for i, items in enumerate(zip(*lists)):
+        classes.setdefault(tuple(tuple(t.shape) for t in items), []).append(i)
+    return classes
+
+
+def product_row_norms_batched(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Row norms of each ``B @ A``, per shape class: ``(indices into the input, (k, out) tensor)``."""
+    out = []
+    for _, idx in _by_shapes(bs, as_).items():
+        b = as_matrices([bs[i] for i in idx])
+        a = as_matrices([as_[i] for i in idx])
+        gram = torch.bmm(a, a.transpose(1, 2))
+        out.append((idx, (torch.bmm(b, gram) * b).sum(-1).clamp_min_(0).sqrt_()))
+    return out
+
+
+def product_row_norms(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Row norms of each ``B @ A`` (one ``(out,)`` tensor per pair, in input order)."""
+    out: list[torch.Tensor | None] = [None] * len(bs)
+    for idx, rows in product_row_norms_batched(bs, as_):
+        for i, r in zip(idx, rows.unbind(0)):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """``||X @ Y||_F`` for each pair, as one tensor in input order."""
+    out = torch.empty(len(xs), device=xs[0].device if xs else None)
+    for _, idx in _by_shapes(xs, ys).items():
+        x = as_matrices([xs[i] for i in idx])
+        y = as_matrices([ys[i] for i in idx])
+        gram_x = torch.bmm(x.transpose(1, 2), x)
+        gram_y = torch.bmm(y, y.transpose(1, 2))
+        out[idx] = (gram_x * gram_y).sum((1, 2)).clamp_min_(0).sqrt_()
+    return out

@@ -1,0 +1,155 @@
+"""Per-role learning-rate scales for LoRA / LoKr / LoHa factors (stage ``scale``).
+
+All three multiply the update direction ``ctx.u`` before the parameter write; each is declared with the
+argument names of the optimizer that uses it.
+
+* :class:`LoraPlusRatio` (LoRA+, Hayou et al., arXiv 2402.12354): the zero-initialised factor of each
+  adapter (LoRA B/up, LoKr ``w2``/``w2_b``, LoHa ``hada_w2_a``) gets ``ratio`` times the learning rate.
+  Not applied when the pairs are split across param groups: that is kohya's own ``loraplus_lr_ratio``,
+  whose "plus" groups already carry the ratio in their lr (applying it again would square it).
+* :class:`AloraRowScale` (the ALoRA-style rule of HinaAdamW's seed: lr inversely proportional to the row
+  norms of ``B A``): row ``i`` of B is scaled by ``1 / (1 + ||(B A)_i,:||)`` and A by
+  ``1 / (1 + mean_i ||(B A)_i,:||)``, with the row norms computed from B and the r x r Gram matrix of A
+  (``lora/factors.py``), never from the dense product. LoKr factors are scaled by
+  ``1 / (1 + ||w1|| ||w2||)`` (the Frobenius norm of the Kronecker product). LoHa: by
+  ``1 / (1 + ||w1a w1b|| ||w2a w2b||)``, an upper bound of the Hadamard product's norm.
+* :class:`AllLoraRowScale` (ALLoRA, Huang & Balestriero, arXiv 2410.09692): every row of every tensor,
+  viewed as a matrix ``(shape[0], prod(rest))`` (1-D tensors: one row per element), is scaled by
+  ``1 / sqrt(||row||^2 + 1/eta^2)`` from the current weights, so zero rows move ``eta`` times faster and
+  large rows slow down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Technique
+from ..lora.factors import product_fro_norms, product_row_norms_batched
+from ..lora.layout import ZERO_INIT_ROLES
+from ..lora.names import Role
+
+
+class LoraPlusRatio(Technique):
+    uses_roles = True
+    name = "lora_plus"
+    stage = "scale"
+    summary = "LoRA+ ratio on the zero-initialised factor (B/up, LoKr w2, LoHa w2_a); skipped if kohya's loraplus groups exist"
+
+    def __init__(self, ratio: Field, switch: Field | None = None):
+        self.ratio = ratio
+        self.fields = (ratio,)
+        self.switch = switch
+
+    def applies(self, opt: Any) -> bool:
+        return not opt.lora.roles_split_by_groups
+
+    def run(self, ctx) -> None:
+        ratio = ctx.hp[self.ratio.name]
+        if ratio == 1.0 or not self.applies(ctx.opt):
+            return
+        key = "lora_plus.index"
+        if key not in ctx.pack.derived:
+            layout = ctx.opt.lora
+            ctx.pack.derived[key] = [i for i, p in enumerate(ctx.pack.params) if layout.role(p) in ZERO_INIT_ROLES]
+        index = ctx.pack.derived[key]
+        if index:
+            views = ctx.pack.views(ctx.u)
+            torch._foreach_mul_([views[i] for i in index], ratio)
+
+
+class AloraRowScale(Technique):
+    uses_roles = True
+    name = "alora_rows"
+    stage = "scale"
+    summary = "ALoRA-style scale 1/(1+||row of BA||) from B and A's Gram matrix; LoKr/LoHa by the product norm"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def prepare(self, opt: Any) -> None:
+        layout = opt.lora
+        scales: dict[int, torch.Tensor] = {}
+        pairs = [layout.members(m) for m in layout.complete("lora") if Role.LORA_MID not in m.members]
+        if pairs:
+            bs = [m[Role.LORA_B] for m in pairs]  # step() runs under no_grad: no detach (one op per tensor)
+            as_ = [m[Role.LORA_A] for m in pairs]
+            for idx, rows in product_row_norms_batched(bs, as_):  # one batch per shape class
+                b_shape = (rows.shape[0], rows.shape[1], *([1] * (bs[idx[0]].dim() - 1)))
+                for i, scale in zip(idx, (1.0 / (1.0 + rows)).view(b_shape).unbind(0)):
+                    scales[id(bs[i])] = scale
+                for i, scale in zip(idx, (1.0 / (1.0 + rows.mean(-1))).unbind(0)):
+                    scales[id(as_[i])] = scale
+        for family in ("lokr", "loha"):
+            modules = [layout.members(m) for m in layout.complete(family)]
+            if modules:
+                norms = factor_norms(family, modules)
+                for members, norm in zip(modules, (1.0 / (1.0 + norms)).unbind(0)):
+                    for p in members.values():
+                        scales[id(p)] = norm
+        opt.step_cache[self.name] = scales
+
+    def run(self, ctx) -> None:
+        scales = ctx.opt.step_cache.get(self.name)
+        if not scales:
+            return
+        views = ctx.pack.views(ctx.u)
+        pairs = [(views[i], scales[id(p)]) for i, p in enumerate(ctx.pack.params) if id(p) in scales]
+        if pairs:
+            torch._foreach_mul_([v for v, _ in pairs], [s for _, s in pairs])
+
+
+class AllLoraRowScale(Technique):
+    name = "allora_rows"
+    stage = "scale"
+    summary = "ALLoRA: rows scaled by 1/sqrt(||row||^2 + 1/eta^2) from the current weights (conv kernels as matrices)"
+
+    def __init__(self, eta: Field, switch: Field | None = None, switch_on: bool = True):
+        self.eta = eta
+        self.fields = (eta,)
+        self.switch = switch
+        self.switch_on = switch_on
+
+    def run(self, ctx) -> None:
+        inv_eta2 = 1.0 / ctx.hp[self.eta.name] ** 2
+        for bucket in ctx.buckets:
+            weights = torch.stack(ctx.pack.bucket_params(bucket)).float()
+            rows = weights.view(bucket.count, *bucket.matrix(ctx.u).shape[1:])
+            scale = rows.pow(2).sum(-1, keepdim=True).add_(inv_eta2).rsqrt_()
+            bucket.matrix(ctx.u).mul_(scale)
+
+
+_SIDES = {
+    "lokr": ((Role.LOKR_W1, Role.LOKR_W1_A, Role.LOKR_W1_B, Role.LOKR_T1),
+             (Role.LOKR_W2, Role.LOKR_W2_A, Role.LOKR_W2_B, Role.LOKR_T2)),
+    "loha": ((None, Role.HADA_W1_A, Role.HADA_W1_B, Role.HADA_T1),
+             (None, Role.HADA_W2_A, Role.HADA_W2_B, Role.HADA_T2)),
+}
+
+
+def factor_norms(family: str, modules: list[dict[Role, torch.Tensor]]) -> torch.Tensor:
+    """Per module: ``||w1|| * ||w2||`` (LoKr: the Kronecker product's norm; LoHa: a bound of the Hadamard's)."""
+    first, second = (side_norms(modules, *side) for side in _SIDES[family])
+    return first * second
+
+
+def side_norms(modules: list[dict[Role, torch.Tensor]], full: Role | None, a: Role, b: Role, core: Role) -> torch.Tensor:
+    """Frobenius norm of one side per module: the full factor, the product of its halves, or, in LyCORIS'
+    Tucker form (core ``t`` (r, r, k, k), ``a`` (r, out), ``b`` (r, in)), the contracted kernel.
+    Call under ``torch.no_grad()``."""
+    device = next(iter(modules[0].values())).device
+    out = torch.empty(len(modules), device=device)
+    full_idx = [i for i, m in enumerate(modules) if full is not None and full in m]
+    tucker_idx = [i for i, m in enumerate(modules) if i not in full_idx and core in m]
+    prod_idx = [i for i in range(len(modules)) if i not in full_idx and i not in tucker_idx]
+    if full_idx:
+        out[full_idx] = torch.stack(torch._foreach_norm([modules[i][full] for i in full_idx]))
+    if prod_idx:
+        out[prod_idx] = product_fro_norms([modules[i][a] for i in prod_idx], [modules[i][b] for i in prod_idx])
+    for i in tucker_idx:  # rare (conv modules with use_tucker); small dense kernels
+        m = modules[i]
+        dense = torch.einsum("ijkl,ip,jr->prkl", m[core].float(), m[a].float(), m[b].float())
+        out[i] = dense.norm()
+    return out
