@@ -41,7 +41,7 @@ from .technique import STAGES, Slot, Technique
 FORMAT_VERSION = 1
 _RNG_SEED = 0x5EED_0001
 logger = logging.getLogger("sd_hina_plugin")
-_KOHYA_MODULES = ("library.train_util", "networks.", "lycoris")
+_KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
 
 
 def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
@@ -131,8 +131,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         if not wanted <= names.keys():
             found = discovery.names_from_kohya_frame(p for g in self.param_groups for p in g["params"])
             source = "kohya frame"
-            if not (wanted <= (names.keys() | found.keys())) and any(
-                    m.startswith(_KOHYA_MODULES) for m in list(sys.modules)):
+            if not (wanted <= (names.keys() | found.keys())) and _KOHYA_MODULE in sys.modules:
                 found = discovery.names_from_module_scan(p for g in self.param_groups for p in g["params"])
                 source = "module scan"
             names = {**found, **names}

@@ -2,6 +2,8 @@
 
 Sources, in the order tried:
 
+``HinaOptimizer._discover_names`` applies them in this order:
+
 1. ``param_names`` in the param groups: torch's own mechanism (``Optimizer(model.named_parameters())``),
    or written by :meth:`HinaOptimizer.attach_names`.
 2. **kohya frame**: when kohya's ``NetworkTrainer.train`` builds the optimizer, its frame has the locals
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -67,29 +70,19 @@ def names_from_kohya_frame(params: Iterable[torch.Tensor]) -> dict[int, str]:
 def names_from_module_scan(params: Iterable[torch.Tensor]) -> dict[int, str]:
     wanted = {id(p) for p in params}
     names: dict[int, str] = {}
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, nn.Module):
+    with warnings.catch_warnings():  # isinstance() on deprecated proxy objects warns
+        warnings.simplefilter("ignore")
+        modules = []
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, nn.Module):
+                    modules.append(obj)
+            except Exception:  # objects with unusual __class__
                 continue
-            lora_name = getattr(obj, "lora_name", None)
-        except Exception:  # objects with unusual __getattr__ / __class__
-            continue
+    for obj in modules:
+        lora_name = getattr(obj, "lora_name", None)
         if isinstance(lora_name, str):
             for pname, p in obj.named_parameters():
                 if id(p) in wanted:
                     names.setdefault(id(p), f"{lora_name}.{pname}")
     return names
-
-
-def discover(param_groups: list[dict[str, Any]]) -> tuple[dict[int, str], str]:
-    """Names for the trainable parameters and where they came from (``"none"`` if nowhere)."""
-    params = [p for g in param_groups for p in g["params"] if p.requires_grad]
-    wanted = {id(p) for p in params}
-    names = names_from_groups(param_groups)
-    if wanted <= names.keys():
-        return names, "param_names"
-    for source, finder in (("kohya frame", names_from_kohya_frame), ("module scan", names_from_module_scan)):
-        found = finder(params)
-        if found and wanted <= (names.keys() | found.keys()):
-            return {**found, **names}, source
-    return names, "none" if not names else "param_names (partial)"

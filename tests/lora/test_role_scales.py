@@ -183,3 +183,14 @@ def test_attach_names_rejects_foreign_names():
     opt = RoleScaledAdamW([torch.nn.Parameter(torch.zeros(3, 3))])
     with pytest.raises(ValueError, match="none of the given names"):
         opt.attach_names([("x.lora_up.weight", torch.nn.Parameter(torch.zeros(3, 3)))])
+
+
+def test_module_scan_is_the_fallback_inside_kohya(monkeypatch):
+    import sys
+    import types
+
+    net = KohyaLoRANetwork(TinyUNet(), [TinyTextEncoder()])
+    assert RoleScaledAdamW(net.parameters()).lora.source == "shape rules"  # outside kohya: no scan
+    monkeypatch.setitem(sys.modules, "library.train_util", types.ModuleType("library.train_util"))
+    opt = RoleScaledAdamW(net.parameters())
+    assert opt.lora.source == "module scan" and opt.diagnose_lora_pairing()["unpaired"] == []
