@@ -5,14 +5,18 @@ Every optimizer class is importable from here, so kohya's ``--optimizer_type sd_
 
 from .config import Field, load_preset
 from .engine import HinaOptimizer
-from .optimizers import HinaAdamWCore
+from .optimizers import CustomAdamW, CustomAdamWOptimizer, HinaAdamW, HinaAdamWCore, HinaAdamWOptimizer
 from .registry import create_optimizer, list_optimizers, resolve
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CustomAdamW",
+    "CustomAdamWOptimizer",
     "Field",
+    "HinaAdamW",
     "HinaAdamWCore",
+    "HinaAdamWOptimizer",
     "HinaOptimizer",
     "create_optimizer",
     "list_optimizers",

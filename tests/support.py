@@ -155,8 +155,8 @@ def make(name: str, params, lr: float, **kwargs):
 from sd_hina_plugin.config import Field  # noqa: E402
 from sd_hina_plugin.engine.base import HinaOptimizer  # noqa: E402
 from sd_hina_plugin.optimizers._declare import config_for  # noqa: E402
-from sd_hina_plugin.techniques.adam import AdamMoments, AdamNormalize  # noqa: E402
-from sd_hina_plugin.techniques.apply import DecoupledStep  # noqa: E402
+from sd_hina_plugin.techniques.adam import AdamNormalize, FirstMoment, SecondMoment  # noqa: E402
+from sd_hina_plugin.techniques.apply import DecoupledWeightDecay, WriteParams  # noqa: E402
 from sd_hina_plugin.techniques.lora_scales import AllLoraRowScale, AloraRowScale, LoraPlusRatio  # noqa: E402
 
 USE_PLUS = Field("use_plus", "bool", False, "LoRA+ ratio")
@@ -168,9 +168,9 @@ class RoleScaledAdamW(HinaOptimizer):
     """Not registered: exercises the per-role scale techniques on the AdamW core."""
 
     NAME = "RoleScaledAdamW"
-    TECHNIQUES = (AdamMoments(), AdamNormalize(),
+    TECHNIQUES = (FirstMoment(), SecondMoment(), AdamNormalize(),
                   LoraPlusRatio(Field("alora_ratio", "float", 16.0, "LoRA+ ratio", low=0.0), switch=USE_PLUS),
                   AloraRowScale(switch=USE_ALORA),
                   AllLoraRowScale(Field("eta", "float", 2.0, "ALLoRA eta", low=0.0, low_open=True), switch=USE_ALLORA),
-                  DecoupledStep())
+                  DecoupledWeightDecay(), WriteParams())
     Config = config_for(NAME, TECHNIQUES, defaults={"weight_decay": 0.0})

@@ -208,40 +208,58 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _slots(self, group: dict[str, Any], pack: Pack) -> list[Slot]:
         slots: dict[str, Slot] = {}
         for tech in self.techniques(group):
-            for slot in tech.slots_for(group, pack.low_precision):
+            for slot in tech.slots_for(group, pack):
                 slots[slot.name] = slot
         return list(slots.values())
 
     # -- state layout -------------------------------------------------------------------------------------
     @staticmethod
     def _slot_keys(slot: Slot, pack: Pack) -> list[tuple[str, str]]:
+        if slot.per_tensor:
+            return [(slot.name, "tensor")]
         if pack.quantized and slot.quantizable:
             return [(f"{slot.name}.q", "elem"), (f"{slot.name}.absmax", "blocks")]
         return [(slot.name, "elem")]
 
+    @staticmethod
+    def _buffer(pack: Pack, slot: Slot, key: str, kind: str) -> torch.Tensor:
+        if kind == "blocks":
+            return torch.zeros(pack.total // quant8.BLOCK, dtype=torch.float32, device=pack.device)
+        if kind == "tensor":
+            return torch.zeros(len(pack.params), dtype=torch.float32, device=pack.device)
+        if key.endswith(".q"):
+            return torch.zeros(pack.total, dtype=torch.uint8, device=pack.device)
+        dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16}[slot.dtype]
+        return torch.zeros(pack.total, dtype=dtype, device=pack.device)
+
     def _allocate(self, pack: Pack, group: dict[str, Any]) -> None:
         pack.storage.clear()
         pack.forget_views()
-        nblocks = pack.total // quant8.BLOCK if pack.quantized else 0
         for slot in self._slots(group, pack):
             for key, kind in self._slot_keys(slot, pack):
-                if kind == "blocks":
-                    buf = torch.zeros(nblocks, dtype=torch.float32, device=pack.device)
-                elif key.endswith(".q"):
-                    buf = torch.zeros(pack.total, dtype=torch.uint8, device=pack.device)
-                else:
-                    dtype = pack.dtype if slot.dtype == "param" else torch.float32
-                    buf = torch.zeros(pack.total, dtype=dtype, device=pack.device)
+                buf = self._buffer(pack, slot, key, kind)
                 pack.storage[key] = buf
-                views = pack.block_views(buf) if kind == "blocks" else pack.views(buf)
+                pack.kinds[key] = kind
+                views = pack.key_views(key, buf)
+                if slot.init == "param":
+                    torch._foreach_copy_(views, pack.params)
                 for p, view in zip(pack.params, views):
                     self.state[p][key] = view
+
+    def _pack_tag(self, group: dict[str, Any]) -> Callable[[torch.Tensor], tuple]:
+        """Techniques that need parameters kept apart (e.g. SPD: anchored or zero-anchored) tag them."""
+        techniques = self.techniques(group)
+
+        def tag(p: torch.Tensor) -> tuple:
+            return tuple((t.name, value) for t in techniques if (value := t.pack_tag(self, group, p)) is not None)
+
+        return tag
 
     def _init_state(self) -> None:
         self._report_missing_names()
         self._packs = []
         for gi, group in enumerate(self.param_groups):
-            packs = plan_packs(gi, group["params"], self._quantize_param(group))
+            packs = plan_packs(gi, group["params"], self._quantize_param(group), self._pack_tag(group))
             for pack in packs:
                 self._allocate(pack, group)
             self._packs.append(packs)
@@ -254,9 +272,10 @@ class HinaOptimizer(torch.optim.Optimizer):
         buf = self._pool.get(name, pack.total, dtype, pack.device)
         if self._pool.generation != self._pool_generation and self._packs is not None:
             self._pool_generation = self._pool.generation
-            for packs in self._packs:  # a grown buffer invalidates cached views of the old one
+            retired, self._pool.retired = self._pool.retired, set()
+            for packs in self._packs:  # a replaced buffer invalidates cached views of the old one
                 for other in packs:
-                    other.forget_views()
+                    other.forget_views(retired)
         return buf
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -306,17 +325,16 @@ class HinaOptimizer(torch.optim.Optimizer):
         # Some parameters have no gradient this step: run on a temporary pack of the others so that the
         # rest keep their state and values untouched.
         sub = Pack(pack.group_index, pack.device, pack.dtype, pack.quantized,
-                   [p for p, ok in zip(pack.params, present) if ok])
+                   [p for p, ok in zip(pack.params, present) if ok], tags=pack.tags)
         for key, buf in pack.storage.items():
-            sub_buf = torch.zeros(sub.total // quant8.BLOCK if key.endswith(".absmax") else sub.total,
-                                  dtype=buf.dtype, device=buf.device)
-            sub.storage[key] = sub_buf
-            sub_views = sub.block_views(sub_buf) if key.endswith(".absmax") else sub.views(sub_buf)
-            torch._foreach_copy_(sub_views, [self.state[p][key] for p in sub.params])
+            kind = pack.kinds[key]
+            size = {"blocks": sub.total // quant8.BLOCK, "tensor": len(sub.params)}.get(kind, sub.total)
+            sub.storage[key] = torch.zeros(size, dtype=buf.dtype, device=buf.device)
+            sub.kinds[key] = kind
+            torch._foreach_copy_(sub.key_views(key, sub.storage[key]), [self.state[p][key] for p in sub.params])
         self._run(sub, group, [g for g in grads if g is not None])
         for key, sub_buf in sub.storage.items():
-            sub_views = sub.block_views(sub_buf) if key.endswith(".absmax") else sub.views(sub_buf)
-            torch._foreach_copy_([self.state[p][key] for p in sub.params], sub_views)
+            torch._foreach_copy_([self.state[p][key] for p in sub.params], sub.key_views(key, sub_buf))
 
     def _run(self, pack: Pack, group: dict[str, Any], grads: list[torch.Tensor]) -> None:
         g = self._scratch("g", pack)
@@ -335,6 +353,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         ctx = StepContext(self, pack, group, g, states)
         for tech in self.techniques(group):
             tech.run(ctx)
+            if ctx.done:
+                break
         for slot in quantized:
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
 

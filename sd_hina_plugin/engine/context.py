@@ -36,8 +36,17 @@ class StepContext:
         self.g = g
         self._states = states
         self.u: torch.Tensor = opt._scratch("u", pack)
+        #: what the first moment accumulates (ADOPT normalizes it, TAM weights it); the gradient by default
+        self.m_in: torch.Tensor = g
         self.step_scale = 1.0
         self.lr_scale: torch.Tensor | None = None
+        #: parameter decay factor: a float, or one float per tensor (set by the weight-decay techniques)
+        self.decay: float | list[float] = 1.0
+        #: new parameter values computed in flat form (e.g. by SPD); the writer copies them instead
+        self.new_params: torch.Tensor | None = None
+        #: set by a technique to end this step for the pack (e.g. ADOPT's initialising first step)
+        self.done = False
+        self._p32: torch.Tensor | None = None
 
     @property
     def buckets(self) -> list["Bucket"]:
@@ -49,41 +58,95 @@ class StepContext:
     def scratch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.opt._scratch(name, self.pack, dtype)
 
+    # -- per-tensor arithmetic on flat buffers (ops grow with the number of shapes, not of tensors) ------
+    def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""
+        parts = [b.rows(x).sum(1) for b in self.pack.buckets]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-tensor inner products of flat ``x`` and ``y``."""
+        parts = [torch.linalg.vecdot(b.rows(x), b.rows(y)) for b in self.pack.buckets]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.linalg.vector_norm(b.rows(x), dim=1) for b in self.pack.buckets]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def tensor_scale_(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Multiply each tensor's elements of flat ``x`` by its entry of ``scale`` (n_params,), in place."""
+        for b in self.pack.buckets:
+            b.rows(x).mul_(scale[b.first:b.first + b.count].unsqueeze(1))
+        return x
+
+    def numels(self) -> torch.Tensor:
+        """Element count of each tensor, ``(n_params,)`` fp32, on the device (built once per pack)."""
+        cached = self.pack.derived.get("numels")
+        if cached is None:
+            cached = torch.tensor([float(p.numel()) for p in self.pack.params], device=self.pack.device)
+            self.pack.derived["numels"] = cached
+        return cached
+
+    def params32(self) -> torch.Tensor:
+        """The pack's current parameter values as a flat fp32 buffer (gathered once per step, padding zero)."""
+        if self._p32 is None:
+            p32 = self.scratch("p32")
+            torch._foreach_copy_(self.pack.views(p32), self.pack.params)
+            if self.pack.pad_index is not None:
+                p32.index_fill_(0, self.pack.pad_index, 0.0)
+            self._p32 = p32
+        return self._p32
+
+    def decay_flat_(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply ``self.decay`` (a float or one float per tensor) to flat ``x`` in place."""
+        if isinstance(self.decay, list):
+            key = ("decay", tuple(self.decay))
+            cached = self.pack.derived.get("decay_values")
+            if cached is None or cached[0] != key:
+                cached = (key, torch.tensor(self.decay, device=x.device))
+                self.pack.derived["decay_values"] = cached
+            return self.tensor_scale_(x, cached[1])
+        return x.mul_(self.decay) if self.decay != 1.0 else x
+
     def stat(self, name: str, value: torch.Tensor | float) -> None:
         """Record a logged scalar (kept on device; read only by ``optimizer.stats()``)."""
         self.opt._stats[name] = value.detach() if isinstance(value, torch.Tensor) else value
 
     # -- the one place parameters are written -----------------------------------------------------------
-    def write_params(self, decay: float, direction: torch.Tensor, alpha: float) -> None:
-        """``p <- p * decay + alpha * direction`` for every parameter of the pack.
+    def write_params(self, direction: torch.Tensor | None, alpha: float) -> None:
+        """``p <- p * decay + alpha * direction`` for every parameter of the pack, or ``p <- new_params``
+        when a technique computed the new values in flat form.
 
-        fp32 parameters are updated in place with two foreach ops. bf16/fp16 parameters are computed in fp32
-        and written back by the group's ``low_precision_update`` rule: unbiased stochastic rounding, Kahan
+        fp32 parameters are updated in place with foreach ops. bf16/fp16 parameters are computed in fp32 and
+        written back by the group's ``low_precision_update`` rule: unbiased stochastic rounding, Kahan
         compensation (slot ``kahan_comp``) or plain round-to-nearest.
         """
         pack = self.pack
         params = pack.params
         if not pack.low_precision:
-            if decay != 1.0:
-                torch._foreach_mul_(params, decay)
+            if self.new_params is not None:
+                torch._foreach_copy_(params, pack.views(self.new_params))
+                return
+            if isinstance(self.decay, list):
+                torch._foreach_mul_(params, self.decay)
+            elif self.decay != 1.0:
+                torch._foreach_mul_(params, self.decay)
             torch._foreach_add_(params, pack.views(direction), alpha=alpha)
             return
-        p32 = self.scratch("p32")
-        torch._foreach_copy_(pack.views(p32), params)
+        p32 = self.params32()
+        if self.new_params is None:
+            new = self.scratch("p_new")
+            new.copy_(p32)
+            self.decay_flat_(new).add_(direction, alpha=alpha)
+        else:
+            new = self.new_params
         rule = self.hp.get("low_precision_update", "stochastic")
         low = self.scratch("p_low", pack.dtype)
         if rule == "kahan":
-            delta = direction.mul_(alpha)
-            if decay != 1.0:
-                delta.add_(p32, alpha=decay - 1.0)
             low.copy_(p32)
-            kahan_add_(low, pack.storage["kahan_comp"], delta, work=self.scratch("kahan_work"))
+            kahan_add_(low, pack.storage["kahan_comp"], new.sub_(p32), work=self.scratch("kahan_work"))
+        elif rule == "stochastic" and pack.dtype == torch.bfloat16:
+            stochastic_round_(low, new, self.opt._generator(pack.device), scratch=self.scratch("sr_bits", torch.int32))
         else:
-            if decay != 1.0:
-                p32.mul_(decay)
-            p32.add_(direction, alpha=alpha)
-            if rule == "stochastic" and pack.dtype == torch.bfloat16:
-                stochastic_round_(low, p32, self.opt._generator(pack.device), scratch=self.scratch("sr_bits", torch.int32))
-            else:
-                low.copy_(p32)
+            low.copy_(new)
         torch._foreach_copy_(params, pack.views(low))

@@ -40,12 +40,14 @@ class Bucket:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The bucket's parameters as a ``(count, numel)`` view of ``flat`` (padding excluded, no copy)."""
+        block = flat[self.start:self.start + self.count * self.seg].view(self.count, self.seg)
+        return block[:, :self.numel] if self.seg != self.numel else block
+
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         """The bucket's parameters as one ``(count, *shape)`` view of ``flat`` (no copy)."""
-        block = flat[self.start:self.start + self.count * self.seg].view(self.count, self.seg)
-        if self.seg != self.numel:
-            block = block[:, :self.numel]
-        return block.view(self.count, *self.shape)
+        return self.rows(flat).view(self.count, *self.shape)
 
     def matrix(self, flat: torch.Tensor) -> torch.Tensor:
         """The same view with every tensor as a matrix ``(shape[0], prod(rest))`` (conv kernels included)."""
@@ -64,6 +66,10 @@ class Pack:
     total: int = 0
     buckets: list[Bucket] = field(default_factory=list)
     storage: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: kind of each storage key: "elem" (one value per element), "blocks" (8-bit absmax), "tensor" (per tensor)
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: technique tags that split packs (e.g. SPD anchors needed or not), from the optimizer's pack key
+    tags: tuple = ()
     #: per-pack values derived once by techniques (index lists, host scales); never state
     derived: dict[str, object] = field(default_factory=dict)
     _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
@@ -105,6 +111,23 @@ class Pack:
             self._views[key] = views
         return views
 
+    def key_views(self, key: str, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a storage buffer of the given key's kind."""
+        kind = self.kinds.get(key, "elem")
+        if kind == "blocks":
+            return self.block_views(buf)
+        if kind == "tensor":
+            return self.tensor_views(buf)
+        return self.views(buf)
+
+    def tensor_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        key = (flat.data_ptr(), flat.dtype, flat.numel(), "tensor")
+        views = self._views.get(key)
+        if views is None:
+            views = [flat[i:i + 1] for i in range(len(self.params))]
+            self._views[key] = views
+        return views
+
     def bucket_params(self, bucket: Bucket) -> list[torch.nn.Parameter]:
         return self.params[bucket.first:bucket.first + bucket.count]
 
@@ -116,31 +139,38 @@ class Pack:
             self._views[key] = views
         return views
 
-    def forget_views(self) -> None:
-        self._views.clear()
+    def forget_views(self, data_ptrs: set[int] | None = None) -> None:
+        """Drop cached views (of the buffers at ``data_ptrs`` only, if given)."""
+        if data_ptrs is None:
+            self._views.clear()
+        else:
+            for key in [k for k in self._views if k[0] in data_ptrs]:
+                del self._views[key]
 
 
-def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: callable) -> list[Pack]:
-    """Split a group's trainable parameters into packs by (device, dtype, 8-bit or not), sorted by shape."""
+def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: callable,
+               tag: callable = lambda p: ()) -> list[Pack]:
+    """Split a group's trainable parameters into packs by (device, dtype, 8-bit or not, technique tags),
+    sorted by shape."""
     keyed: dict[tuple, list[torch.nn.Parameter]] = {}
     for p in params:
         if not p.requires_grad or p.numel() == 0:
             continue
-        keyed.setdefault((str(p.device), p.dtype, bool(quantize(p))), []).append(p)
+        keyed.setdefault((str(p.device), p.dtype, bool(quantize(p)), tag(p)), []).append(p)
     packs = []
-    for (_, dtype, quantized), members in keyed.items():
+    for (_, dtype, quantized, tags), members in keyed.items():
         members.sort(key=lambda t: (t.dim(), tuple(t.shape)))
         chunk: list[torch.nn.Parameter] = []
         size = 0
         for p in members:
             seg = padded(p.numel()) if quantized else p.numel()
             if chunk and size + seg > CHUNK:
-                packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk))
+                packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk, tags=tags))
                 chunk, size = [], 0
             chunk.append(p)
             size += seg
         if chunk:
-            packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk))
+            packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk, tags=tags))
     return packs
 
 
@@ -149,16 +179,19 @@ class ScratchPool:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
-        #: bumped whenever a buffer is (re)allocated, so cached views of old buffers can be dropped
+        #: bumped whenever a buffer is replaced by a larger one; ``retired`` holds the replaced data pointers
         self.generation = 0
+        self.retired: set[int] = set()
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (name, str(device), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
+            if buf is not None:
+                self.retired.add(buf.data_ptr())
+                self.generation += 1
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
-            self.generation += 1
         return buf[:numel] if buf.numel() != numel else buf
 
     def nbytes(self) -> int:
@@ -169,5 +202,6 @@ class ScratchPool:
                 for (name, dev, dt), b in self._buffers.items()}
 
     def clear(self) -> None:
+        self.retired.update(b.data_ptr() for b in self._buffers.values())
         self._buffers.clear()
         self.generation += 1

@@ -43,6 +43,10 @@ class Slot:
     signed: bool = True
     dtype: str = "fp32"
     low_precision_only: bool = False
+    #: one value per tensor instead of one per element (e.g. TAM's cosine EMA)
+    per_tensor: bool = False
+    #: initial value: "zeros", or "param" (a copy of the parameter when state is created, e.g. SPD anchors)
+    init: str = "zeros"
 
 
 class Technique:
@@ -73,9 +77,13 @@ class Technique:
         """Called once per ``step()`` before any pack runs, for work that spans packs (e.g. LoRA pairs
         whose halves live in different param groups). Results go in ``opt.step_cache``."""
 
-    def slots_for(self, hp: Any, low_precision: bool) -> tuple[Slot, ...]:
-        """The slots this technique needs for a pack (``low_precision``: bf16/fp16 parameters)."""
-        return tuple(s for s in self.slots if low_precision or not s.low_precision_only)
+    def slots_for(self, hp: Any, pack: Any) -> tuple[Slot, ...]:
+        """The slots this technique needs for a pack (bf16/fp16-only slots only for low-precision packs)."""
+        return tuple(s for s in self.slots if pack.low_precision or not s.low_precision_only)
+
+    def pack_tag(self, opt: Any, hp: Any, p: Any) -> Any:
+        """A value that must be equal for parameters sharing a pack (``None``: no constraint)."""
+        return None
 
     def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,5 +1,8 @@
 """The named optimizers: each a short declaration over techniques. Importing registers them."""
 
 from .adamw_core import HinaAdamWCore
+from .hina_adamw import HinaAdamWOptimizer
 
-__all__ = ["HinaAdamWCore"]
+CustomAdamWOptimizer = HinaAdamW = CustomAdamW = HinaAdamWOptimizer
+
+__all__ = ["CustomAdamW", "CustomAdamWOptimizer", "HinaAdamW", "HinaAdamWCore", "HinaAdamWOptimizer"]

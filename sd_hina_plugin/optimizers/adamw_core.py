@@ -10,8 +10,8 @@ from __future__ import annotations
 from ..engine.base import HinaOptimizer
 from ..engine.precision import PRECISION_FIELDS
 from ..registry import register
-from ..techniques.adam import AdamMoments, AdamNormalize
-from ..techniques.apply import DecoupledStep
+from ..techniques.adam import AdamNormalize, FirstMoment, SecondMoment
+from ..techniques.apply import DecoupledWeightDecay, WriteParams
 from ._declare import config_for
 
 
@@ -20,5 +20,5 @@ class HinaAdamWCore(HinaOptimizer):
     """AdamW with optional bitsandbytes-layout 8-bit state, flat multi-tensor step, sync-free."""
 
     NAME = "HinaAdamWCore"
-    TECHNIQUES = (AdamMoments(), AdamNormalize(), DecoupledStep())
+    TECHNIQUES = (FirstMoment(), SecondMoment(), AdamNormalize(), DecoupledWeightDecay(), WriteParams())
     Config = config_for(NAME, TECHNIQUES, PRECISION_FIELDS)

@@ -2,7 +2,8 @@
 
 With ``t`` the group step, ``g`` the gradient:
 
-    m <- b1 m + (1 - b1) g              v <- b2 v + (1 - b2) g^2
+    m <- b1 m + (1 - b1) x              (x = ctx.m_in: the gradient, or what ADOPT / TAM made of it)
+    v <- b2 v + (1 - b2) g^2
     u  = m / (sqrt(v) / sqrt(1 - b2^t) + eps),   applied with lr / (1 - b1^t)
 
 This is the arithmetic of ``torch.optim.AdamW`` and of bitsandbytes' 8-bit AdamW (which runs it between a
@@ -21,20 +22,31 @@ from ..engine.technique import Slot, Technique
 BETAS = Field("betas", "floats", (0.9, 0.999), "Adam's decay rates (b1, b2) of the first and second moment.",
               low=0.0, high=1.0, high_open=True, length=2)
 EPS = Field("eps", "float", 1e-8, "Added to the root of the second moment (Adam's epsilon).", low=0.0, high=1.0)
+EXP_AVG = Slot("exp_avg", quantizable=True, signed=True)
+EXP_AVG_SQ = Slot("exp_avg_sq", quantizable=True, signed=False)
 
 
-class AdamMoments(Technique):
-    name = "adam_moments"
+class FirstMoment(Technique):
+    name = "first_moment"
     stage = "moments"
     fields = (BETAS,)
-    slots = (Slot("exp_avg", quantizable=True, signed=True), Slot("exp_avg_sq", quantizable=True, signed=False))
-    summary = "Adam first and second moment EMAs (8-bit blockwise when optim_bits=8)"
+    slots = (EXP_AVG,)
+    summary = "m <- b1 m + (1 - b1) g (8-bit blockwise when optim_bits=8)"
 
     def run(self, ctx) -> None:
-        b1, b2 = ctx.hp["betas"]
-        m, v, g = ctx.state("exp_avg"), ctx.state("exp_avg_sq"), ctx.g
-        m.lerp_(g, 1.0 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        ctx.state("exp_avg").lerp_(ctx.m_in, 1.0 - ctx.hp["betas"][0])
+
+
+class SecondMoment(Technique):
+    name = "second_moment"
+    stage = "moments"
+    fields = (BETAS,)
+    slots = (EXP_AVG_SQ,)
+    summary = "v <- b2 v + (1 - b2) g^2 (8-bit blockwise when optim_bits=8)"
+
+    def run(self, ctx) -> None:
+        b2 = ctx.hp["betas"][1]
+        ctx.state("exp_avg_sq").mul_(b2).addcmul_(ctx.g, ctx.g, value=1.0 - b2)
 
 
 class AdamNormalize(Technique):
@@ -42,6 +54,9 @@ class AdamNormalize(Technique):
     stage = "direction"
     fields = (EPS,)
     summary = "u = m_hat / (sqrt(v_hat) + eps) with bias correction"
+
+    def __init__(self, switch: Field | None = None, switch_on: bool = True):
+        self.switch, self.switch_on = switch, switch_on
 
     def run(self, ctx) -> None:
         b1, b2 = ctx.hp["betas"]

@@ -1,6 +1,6 @@
 """The parameter write: decoupled weight decay and the step, with a rule for bf16/fp16 parameters.
 
-    p <- p (1 - lr wd) - lr * step_scale * lr_scale * u        (Loshchilov & Hutter, arXiv 1711.05101)
+    p <- p (1 - lr wd) - lr * step_scale * u        (Loshchilov & Hutter, arXiv 1711.05101)
 
 bf16/fp16 parameters are updated in fp32 and written back by ``low_precision_update``:
 
@@ -14,8 +14,11 @@ fp32 parameters ignore the rule (nothing is rounded).
 
 from __future__ import annotations
 
+import math
+
 from ..config import Field
 from ..engine.technique import Slot, Technique
+from ..lora.names import Role
 
 LR = Field("lr", "float", 1e-3, "Learning rate (the scheduler and kohya's per-group lrs override it per group).", low=0.0)
 WEIGHT_DECAY = Field("weight_decay", "float", 1e-2, "Decoupled weight decay: p <- p (1 - lr wd).", low=0.0)
@@ -24,21 +27,85 @@ LOW_PRECISION_UPDATE = Field(
     "How bf16/fp16 parameters receive the fp32 update: 'stochastic' rounding, 'kahan' compensation, or 'nearest'.",
     choices=("stochastic", "kahan", "nearest"))
 
+ADAPTER_ROLES = frozenset(r for r in Role if r.family in ("lora", "lokr", "loha"))
 
-class DecoupledStep(Technique):
-    name = "decoupled_step"
+
+class DecoupledWeightDecay(Technique):
+    name = "weight_decay"
     stage = "apply"
-    fields = (LR, WEIGHT_DECAY, LOW_PRECISION_UPDATE)
-    slots = (Slot("kahan_comp", dtype="param", low_precision_only=True),)
-    writes_params = True
-    summary = "decoupled weight decay, then p -= lr * u (stochastic rounding or Kahan for bf16 params)"
-
-    def slots_for(self, hp, low_precision: bool):
-        return super().slots_for(hp, low_precision) if hp["low_precision_update"] == "kahan" else ()
+    fields = (LR, WEIGHT_DECAY)
+    summary = "decoupled weight decay p <- p (1 - lr wd)"
 
     def run(self, ctx) -> None:
-        lr = ctx.lr
+        wd = ctx.hp["weight_decay"]
+        scales = ctx.pack.derived.get("wd_scales")
+        if scales is None or not wd:
+            ctx.decay = 1.0 - ctx.lr * wd
+        else:
+            ctx.decay = [1.0 - ctx.lr * wd * s for s in scales]
+
+
+class DynamicWeightDecay(Technique):
+    """Weight decay of adapter factors relaxed after ``wd_transition_steps``.
+
+    For LoRA/LoKr/LoHa factors (by role), with T = ``wd_transition_steps`` and t the group step:
+
+        wd_t = wd                                                   t <= T
+        wd_t = wd * max(wd_min_ratio, wd_decay_factor ** ((t - T) / T))   t > T
+
+    so the decay falls continuously from its full value and reaches the floor ``wd_min_ratio`` after
+    T * ln(wd_min_ratio) / ln(wd_decay_factor) further steps (6456 with the defaults). Other parameters keep wd.
+    Must come before :class:`DecoupledWeightDecay`.
+    """
+
+    name = "dynamic_weight_decay"
+    stage = "apply"
+    uses_roles = True
+    fields = (
+        Field("wd_transition_steps", "int", 1000, "Steps at full weight decay before adapter factors' decay relaxes.", low=1),
+        Field("wd_decay_factor", "float", 0.7, "Adapter weight decay is multiplied by this per wd_transition_steps steps after the transition.", low=0.0, high=1.0, low_open=True),
+        Field("wd_min_ratio", "float", 0.1, "Floor of the adapter weight-decay multiplier.", low=0.0, high=1.0),
+    )
+    summary = "adapter factors' weight decay decays exponentially after wd_transition_steps to wd_min_ratio"
+
+    def __init__(self, switch: Field):
+        self.switch = switch
+
+    @staticmethod
+    def multiplier(hp, step: int) -> float:
+        T = hp["wd_transition_steps"]
+        if step <= T:
+            return 1.0
+        return max(hp["wd_min_ratio"], hp["wd_decay_factor"] ** ((step - T) / T))
+
+    def run(self, ctx) -> None:
+        ratio = self.multiplier(ctx.hp, ctx.step)
+        adapter = ctx.pack.derived.get("adapter_mask")
+        if adapter is None:
+            adapter = [ctx.opt.lora.role(p) in ADAPTER_ROLES for p in ctx.pack.params]
+            ctx.pack.derived["adapter_mask"] = adapter
+        ctx.pack.derived["wd_scales"] = [ratio if a else 1.0 for a in adapter] if ratio != 1.0 else None
+
+    @staticmethod
+    def steps_to_floor(hp) -> float:
+        if hp["wd_min_ratio"] <= 0 or hp["wd_decay_factor"] >= 1:
+            return math.inf
+        return hp["wd_transition_steps"] * math.log(hp["wd_min_ratio"]) / math.log(hp["wd_decay_factor"])
+
+
+class WriteParams(Technique):
+    name = "write_params"
+    stage = "apply"
+    fields = (LOW_PRECISION_UPDATE,)
+    slots = (Slot("kahan_comp", dtype="param", low_precision_only=True),)
+    writes_params = True
+    summary = "p <- p * decay - lr * u (stochastic rounding or Kahan for bf16 params)"
+
+    def slots_for(self, hp, pack):
+        return super().slots_for(hp, pack) if hp["low_precision_update"] == "kahan" else ()
+
+    def run(self, ctx) -> None:
         u = ctx.u
-        if ctx.lr_scale is not None:
+        if ctx.new_params is None and ctx.lr_scale is not None:
             u.mul_(ctx.lr_scale)
-        ctx.write_params(1.0 - lr * ctx.hp["weight_decay"], u, -lr * ctx.step_scale)
+        ctx.write_params(u, -ctx.lr * ctx.step_scale)

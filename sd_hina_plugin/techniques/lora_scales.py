@@ -4,7 +4,8 @@ All three multiply the update direction ``ctx.u`` before the parameter write; ea
 argument names of the optimizer that uses it.
 
 * :class:`LoraPlusRatio` (LoRA+, Hayou et al., arXiv 2402.12354): the zero-initialised factor of each
-  adapter (LoRA B/up, LoKr ``w2``/``w2_b``, LoHa ``hada_w2_a``) gets ``ratio`` times the learning rate.
+  complete adapter module (LoRA B/up, LoKr ``w2``/``w2_b``, LoHa ``hada_w2_a``) gets ``ratio`` times the
+  learning rate.
   Not applied when the pairs are split across param groups: that is kohya's own ``loraplus_lr_ratio``,
   whose "plus" groups already carry the ratio in their lr (applying it again would square it).
 * :class:`AloraRowScale` (the ALoRA-style rule of HinaAdamW's seed: lr inversely proportional to the row
@@ -53,7 +54,8 @@ class LoraPlusRatio(Technique):
         key = "lora_plus.index"
         if key not in ctx.pack.derived:
             layout = ctx.opt.lora
-            ctx.pack.derived[key] = [i for i, p in enumerate(ctx.pack.params) if layout.role(p) in ZERO_INIT_ROLES]
+            ctx.pack.derived[key] = [i for i, p in enumerate(ctx.pack.params)
+                                     if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]
         index = ctx.pack.derived[key]
         if index:
             views = ctx.pack.views(ctx.u)

@@ -131,7 +131,7 @@ def test_kohya_loraplus_groups_keep_pairs_and_are_detected():
     opt = RoleScaledAdamW(groups, use_plus=True).attach_names(net.named_parameters())
     diag = opt.diagnose_lora_pairing()
     assert diag["unpaired"] == [] and len(diag["split_across_groups"]) == diag["modules"]["lora"]
-    assert not opt.TECHNIQUES[2].applies(opt)
+    assert not next(t for t in opt.TECHNIQUES if t.name == "lora_plus").applies(opt)
     assert "kohya loraplus" in opt.get_optimization_info()["lora"]["role_techniques"]["lora_plus"]
 
 

@@ -1,0 +1,54 @@
+"""ADOPT (Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate", arXiv 2411.02853).
+
+    t = 1:   v <- g^2 and no update
+    t > 1:   x = clip(g / max(sqrt(v), eps), t^(1/4))        (v from the previous step: it excludes g_t)
+             m <- b1 m + (1 - b1) x        u = m               (no bias correction, as in the paper)
+             v <- b2 v + (1 - b2) g^2                          (after the normalization)
+
+:class:`AdoptScale` writes ``x`` into ``ctx.m_in`` (the first moment's input) and must come before
+:class:`~sd_hina_plugin.techniques.adam.SecondMoment`; :class:`AdoptDirection` sets ``u = m``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Technique
+from .adam import EPS, EXP_AVG_SQ
+
+
+class AdoptScale(Technique):
+    name = "adopt_scale"
+    stage = "moments"
+    fields = (EPS,)
+    slots = (EXP_AVG_SQ,)
+    summary = "ADOPT: normalize g by the previous second moment (first step initializes v only)"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        v, g = ctx.state("exp_avg_sq"), ctx.g
+        if ctx.step == 1:
+            torch.mul(g, g, out=v)
+            ctx.done = True
+            return
+        x = ctx.scratch("adopt_x")
+        torch.sqrt(v, out=x).clamp_(min=ctx.hp["eps"])
+        torch.div(g, x, out=x)
+        clip = ctx.step ** 0.25
+        x.clamp_(-clip, clip)
+        ctx.m_in = x
+
+
+class AdoptDirection(Technique):
+    name = "adopt_direction"
+    stage = "direction"
+    summary = "ADOPT: u = m"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        ctx.u.copy_(ctx.state("exp_avg"))

@@ -1,0 +1,28 @@
+"""Adaptive Gradient Regularization (Jiang et al., arXiv 2407.16944), per tensor:
+
+    alpha = |g| / sum(|g|)          g <- g - alpha * g = g * (1 - |g| / sum(|g|))
+
+The sum runs over the elements of each tensor (the paper's per-layer coefficient), not over the whole
+parameter group (where it would be ~1/N and a no-op).
+"""
+
+from __future__ import annotations
+
+from ..config import Field
+from ..engine.technique import Technique
+
+
+class AGR(Technique):
+    name = "agr"
+    stage = "grad"
+    summary = "g <- g (1 - |g| / sum|g|) per tensor"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        g = ctx.g
+        absg = ctx.scratch("agr")
+        total = ctx.tensor_sum(absg.copy_(g).abs_()).clamp_min_(1e-30)
+        ctx.tensor_scale_(absg, 1.0 / total)  # alpha
+        g.mul_(absg.neg_().add_(1.0))

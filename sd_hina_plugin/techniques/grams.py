@@ -1,0 +1,24 @@
+"""Grams (Cao et al., "Grams: Gradient Descent with Adaptive Momentum Scaling", arXiv 2412.17107):
+
+    u <- |u| * sign(g)
+
+The magnitude comes from the adaptive momentum, the direction from the current gradient.
+"""
+
+from __future__ import annotations
+
+from ..config import Field
+from ..engine.technique import Technique
+
+
+class Grams(Technique):
+    name = "grams"
+    stage = "direction"
+    summary = "u <- |u| sign(g)"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        sign = ctx.scratch("grams")
+        ctx.u.abs_().mul_(sign.copy_(ctx.g).sign_())

@@ -1,0 +1,34 @@
+"""OrthoGrad / ⊥Grad (Prieto et al., "Grokking at the Edge of Numerical Stability", arXiv 2501.04697).
+
+Applied to the raw gradient before the base optimizer, per tensor:
+
+    g_perp = g - (<w, g> / (<w, w> + eps)) w          g <- g_perp * ||g|| / (||g_perp|| + eps)
+
+The projection removes the component that only scales the weights; the rescale keeps the gradient norm.
+"""
+
+from __future__ import annotations
+
+from ..config import Field
+from ..engine.technique import Technique
+
+EPS = 1e-30
+
+
+class OrthoGrad(Technique):
+    name = "orthograd"
+    stage = "grad"
+    summary = "project the gradient orthogonal to the weights, rescaled to the original norm (per tensor)"
+
+    def __init__(self, switch: Field | None = None):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        g = ctx.g
+        w = ctx.params32()
+        coef = ctx.tensor_dot(w, g) / (ctx.tensor_dot(w, w) + EPS)
+        norm_before = ctx.tensor_norm(g)
+        proj = ctx.scratch("orthograd")
+        proj.copy_(w)
+        g.sub_(ctx.tensor_scale_(proj, coef))
+        ctx.tensor_scale_(g, norm_before / (ctx.tensor_norm(g) + EPS))
