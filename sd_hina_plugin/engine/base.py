@@ -89,6 +89,18 @@ class HinaOptimizer(torch.optim.Optimizer):
         super().__init__(params, self.config.as_dict())
         self._check_setup()
         self._discover_names()
+        for note in self.notes():
+            logger.info("%s: %s", self.NAME, note)
+
+    def notes(self) -> list[str]:
+        """Why switched-on techniques are inactive in this combination (logged once at construction)."""
+        out: list[str] = []
+        for group in self.param_groups:
+            for tech in self.TECHNIQUES:
+                message = tech.note(group)
+                if message and message not in out:
+                    out.append(message)
+        return out
 
     # -- construction -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -468,6 +480,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             "scratch_bytes": self._pool.nbytes(),
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
             "lora": self._lora_info(),
+            "notes": self.notes(),
         }
 
     def _lora_info(self) -> dict[str, Any]:

@@ -70,6 +70,10 @@ class Technique:
         """Whether this technique runs for a param group ``hp`` (its ``switch`` field, if it has one)."""
         return self.switch is None or bool(hp[self.switch.name]) == self.switch_on
 
+    def note(self, hp: Any) -> str | None:
+        """A message explaining why a switched-on technique is inactive in this combination (or ``None``)."""
+        return None
+
     def all_fields(self) -> tuple[Field, ...]:
         return self.fields + ((self.switch,) if self.switch is not None else ())
 

@@ -4,13 +4,14 @@ Order of a step (each line a technique in ``techniques/``; a switch turns it off
 
     grad       OrthoGrad (use_orthogonal_grad) -> AGR (use_agr)
     moments    ADOPT scale (use_adopt_stability) -> TAM (use_tam, tam_beta) -> m -> v
-    direction  Adam normalization (ADOPT off) or u = m (ADOPT on) -> Cautious (use_cautious) -> Grams (use_grams)
+    direction  Adam normalization (ADOPT off) or u = m (ADOPT on) -> Grams (use_grams) or Cautious (use_cautious)
     scale      LoRA+ ratio and ALoRA-style row scaling (use_alora, alora_ratio)
     apply      dynamic weight decay (dynamic_weight_decay, wd_*) -> decoupled weight decay -> SPD (use_spd, spd_lambda)
                -> parameter write (stochastic rounding / Kahan for bf16 weights)
 
-Cautious runs before Grams: after Grams every update sign equals the gradient's and Cautious would keep
-everything; in this order the pair moves only where the momentum agrees with the gradient.
+Cautious and Grams both act on the update components whose sign disagrees with the gradient (Cautious
+drops them, Grams flips them), so with both switched on (the seed's defaults) Grams applies and the optimizer
+says at construction that Cautious is inactive; ``use_grams=False`` turns Cautious on.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class HinaAdamWOptimizer(HinaOptimizer):
     TECHNIQUES = (
         OrthoGrad(USE_ORTHOGRAD), AGR(USE_AGR),
         AdoptScale(USE_ADOPT), TorqueAwareMomentum(TAM_BETA, USE_TAM), FirstMoment(), SecondMoment(),
-        AdamNormalize(USE_ADOPT, switch_on=False), AdoptDirection(USE_ADOPT), Cautious(USE_CAUTIOUS), Grams(USE_GRAMS),
+        AdamNormalize(USE_ADOPT, switch_on=False), AdoptDirection(USE_ADOPT), Grams(USE_GRAMS), Cautious(USE_CAUTIOUS, yields_to=USE_GRAMS),
         LoraPlusRatio(ALORA_RATIO, USE_ALORA), AloraRowScale(USE_ALORA),
         DynamicWeightDecay(DYNAMIC_WD), DecoupledWeightDecay(), SelectiveProjectionDecay(SPD_LAMBDA, USE_SPD), WriteParams(),
     )

@@ -3,8 +3,10 @@
     mask = 1[u * g > 0]          u <- u * mask * numel / (sum(mask) + 1)
 
 Update components that disagree in sign with the current gradient are dropped and the rest rescaled.
-Placed before Grams, so that the pair means "move only where the momentum agrees with the gradient, with
-the gradient's sign" (after Grams every sign agrees and the mask would keep everything).
+
+Cautious and Grams act on the same components (those whose sign disagrees with the gradient): Cautious
+drops them, Grams flips them. In either order one of the two makes the other a no-op, so an optimizer that
+declares both gives Grams precedence (``yields_to``) and reports at construction that Cautious is inactive.
 """
 
 from __future__ import annotations
@@ -18,8 +20,19 @@ class Cautious(Technique):
     stage = "direction"
     summary = "zero update components whose sign disagrees with g, rescale by numel/(kept+1) per tensor"
 
-    def __init__(self, switch: Field | None = None):
+    def __init__(self, switch: Field | None = None, yields_to: Field | None = None):
         self.switch = switch
+        self.yields_to = yields_to
+
+    def enabled(self, hp) -> bool:
+        return super().enabled(hp) and not (self.yields_to is not None and hp[self.yields_to.name])
+
+    def note(self, hp):
+        if super().enabled(hp) and self.yields_to is not None and hp[self.yields_to.name]:
+            return (f"{self.switch.name}=True has no effect while {self.yields_to.name}=True: both act on the update "
+                    f"components whose sign disagrees with the gradient (Grams flips them, Cautious would drop them); "
+                    f"set {self.yields_to.name}=False to use Cautious")
+        return None
 
     def run(self, ctx) -> None:
         mask = ctx.scratch("cautious")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from networks import KohyaLoRANetwork, TinyTextEncoder, TinyUNet, base_module
+from adapter_networks import KohyaLoRANetwork, TinyTextEncoder, TinyUNet, base_module
 from support import RoleScaledAdamW
 
 from sd_hina_plugin.lora import Role

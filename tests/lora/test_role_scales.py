@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from networks import KohyaLoRANetwork, TinyTextEncoder, TinyUNet
+from adapter_networks import KohyaLoRANetwork, TinyTextEncoder, TinyUNet
 from support import RoleScaledAdamW
 
 from sd_hina_plugin import HinaAdamWCore
@@ -123,7 +123,7 @@ def test_factored_norms_equal_dense(out, r, cols, k):
 
 def test_lokr_stats_equal_kronecker_product_norms():
     lycoris = pytest.importorskip("lycoris")
-    from networks import base_module
+    from adapter_networks import base_module
 
     net = lycoris.create_lycoris(base_module(), 1.0, 4, 1, algo="lokr", factor=8)
     net.apply_to()
