@@ -33,7 +33,7 @@ from sd_hina_plugin.config import _parse_text  # noqa: E402
 from sd_hina_plugin.diagnostics import count_step, state_bytes  # noqa: E402
 
 SETS = {
-    "lora": [(16, 768)] * 200 + [(768, 16)] * 200,
+    "lora": [(16, 768), (768, 16)] * 200,   # kohya order: each module's down then up
     "full": [(4096, 4096)] * 3,
 }
 REFERENCE = "torch.AdamW"
@@ -48,7 +48,8 @@ def parse_opt(text: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build(name: str, kwargs: dict, params: list[torch.nn.Parameter], lr: float):
+def build(name: str, kwargs: dict, named: list, lr: float):
+    params = [p for _, p in named]
     if name == "torch.AdamW":
         return torch.optim.AdamW(params, lr=lr, foreach=True, **kwargs)
     if name == "torch.AdamW.fused":
@@ -57,17 +58,22 @@ def build(name: str, kwargs: dict, params: list[torch.nn.Parameter], lr: float):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=lr, **kwargs)
-    return sd_hina_plugin.create_optimizer(name, params, lr=lr, **kwargs)
+    return sd_hina_plugin.create_optimizer(name, named, lr=lr, **kwargs)  # named: torch's param_names
 
 
-def make_params(shapes, dtype, device, seed=0):
+def make_params(set_name, shapes, dtype, device, seed=0):
+    """Parameters with gradients; the LoRA set also gets kohya names (down, up per module)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for shape in shapes:
+    named = []
+    for i, shape in enumerate(shapes):
         p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype))
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-        params.append(p)
-    return params
+        if set_name == "lora":
+            name = f"lora_unet_block_{i // 2}_to_q.{'lora_down' if i % 2 == 0 else 'lora_up'}.weight"
+        else:
+            name = f"layer_{i}.weight"
+        named.append((name, p))
+    return named
 
 
 def sync(device):
@@ -80,9 +86,9 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
     entries = []
     for text in [REFERENCE] + [o for o in opts if o != REFERENCE]:
         name, kwargs = parse_opt(text)
-        params = make_params(shapes, dtype, device)
-        opt = build(name, kwargs, params, lr)
-        entries.append({"label": text, "opt": opt, "params": params, "times": []})
+        named = make_params(set_name, shapes, dtype, device)
+        opt = build(name, kwargs, named, lr)
+        entries.append({"label": text, "opt": opt, "times": []})
     numel = sum(torch.Size(s).numel() for s in shapes)
     for _ in range(warmup):
         for e in entries:

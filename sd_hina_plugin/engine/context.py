@@ -66,7 +66,7 @@ class StepContext:
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
-        parts = [torch.linalg.vecdot(b.rows(x), b.rows(y)) for b in self.pack.buckets]
+        parts = [(b.rows(x) * b.rows(y)).sum(1) for b in self.pack.buckets]  # faster on CPU than vecdot/bmm
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +78,12 @@ class StepContext:
         for b in self.pack.buckets:
             b.rows(x).mul_(scale[b.first:b.first + b.count].unsqueeze(1))
         return x
+
+    def tensor_axpy_(self, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``y += scale_i * x`` per tensor i (flat buffers, one pass), in place; returns ``y``."""
+        for b in self.pack.buckets:
+            b.rows(y).addcmul_(b.rows(x), scale[b.first:b.first + b.count].unsqueeze(1))
+        return y
 
     def numels(self) -> torch.Tensor:
         """Element count of each tensor, ``(n_params,)`` fp32, on the device (built once per pack)."""

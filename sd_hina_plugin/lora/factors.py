@@ -29,21 +29,17 @@ def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
     return classes
 
 
-def product_row_norms_batched(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
-    """Row norms of each ``B @ A``, per shape class: ``(indices into the input, (k, out) tensor)``."""
-    out = []
-    for _, idx in _by_shapes(bs, as_).items():
-        b = as_matrices([bs[i] for i in idx])
-        a = as_matrices([as_[i] for i in idx])
-        gram = torch.bmm(a, a.transpose(1, 2))
-        out.append((idx, (torch.bmm(b, gram) * b).sum(-1).clamp_min_(0).sqrt_()))
-    return out
+def batched_row_norms(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out)."""
+    gram = torch.bmm(a, a.transpose(1, 2))
+    return (torch.bmm(b, gram) * b).sum(-1).clamp_min_(0).sqrt_()
 
 
 def product_row_norms(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[torch.Tensor]:
     """Row norms of each ``B @ A`` (one ``(out,)`` tensor per pair, in input order)."""
     out: list[torch.Tensor | None] = [None] * len(bs)
-    for idx, rows in product_row_norms_batched(bs, as_):
+    for _, idx in _by_shapes(bs, as_).items():
+        rows = batched_row_norms(as_matrices([bs[i] for i in idx]), as_matrices([as_[i] for i in idx]))
         for i, r in zip(idx, rows.unbind(0)):
             out[i] = r
     return out  # type: ignore[return-value]

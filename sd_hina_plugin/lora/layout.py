@@ -47,6 +47,8 @@ class LoraLayout:
     group_of: dict[int, int]
     params: dict[str, torch.nn.Parameter]
     split_modules: list[str] = field(default_factory=list)
+    #: structures techniques derive from the layout once (e.g. pairs grouped by shape); rebuilt with it
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, param_groups: list[dict[str, Any]], names: dict[int, str], source: str) -> "LoraLayout":

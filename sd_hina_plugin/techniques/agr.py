@@ -8,6 +8,8 @@ parameter group (where it would be ~1/N and a no-op).
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Field
 from ..engine.technique import Technique
 
@@ -22,7 +24,6 @@ class AGR(Technique):
 
     def run(self, ctx) -> None:
         g = ctx.g
-        absg = ctx.scratch("agr")
-        total = ctx.tensor_sum(absg.copy_(g).abs_()).clamp_min_(1e-30)
-        ctx.tensor_scale_(absg, 1.0 / total)  # alpha
-        g.mul_(absg.neg_().add_(1.0))
+        alpha = torch.abs(g, out=ctx.scratch("agr"))
+        ctx.tensor_scale_(alpha, 1.0 / ctx.tensor_sum(alpha).clamp_min_(1e-30))
+        g.addcmul_(g, alpha, value=-1.0)

@@ -7,6 +7,8 @@ The magnitude comes from the adaptive momentum, the direction from the current g
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Field
 from ..engine.technique import Technique
 
@@ -20,5 +22,4 @@ class Grams(Technique):
         self.switch = switch
 
     def run(self, ctx) -> None:
-        sign = ctx.scratch("grams")
-        ctx.u.abs_().mul_(sign.copy_(ctx.g).sign_())
+        ctx.u.abs_().mul_(torch.sign(ctx.g, out=ctx.scratch("grams")))

@@ -28,7 +28,7 @@ import torch
 
 from ..config import Field
 from ..engine.technique import Technique
-from ..lora.factors import product_fro_norms, product_row_norms_batched
+from ..lora.factors import as_matrices, batched_row_norms, product_fro_norms
 from ..lora.layout import ZERO_INIT_ROLES
 from ..lora.names import Role
 
@@ -71,24 +71,34 @@ class AloraRowScale(Technique):
     def __init__(self, switch: Field | None = None):
         self.switch = switch
 
+    @staticmethod
+    def _plan(layout) -> dict[str, Any]:
+        """Pairs grouped by shape and LoKr/LoHa modules, derived once per layout."""
+        plan = layout.cache.get("alora")
+        if plan is None:
+            pairs = [layout.members(m) for m in layout.complete("lora") if Role.LORA_MID not in m.members]
+            classes: dict[tuple, tuple[list, list]] = {}
+            for m in pairs:
+                b, a = m[Role.LORA_B], m[Role.LORA_A]
+                bs, as_ = classes.setdefault((tuple(b.shape), tuple(a.shape)), ([], []))
+                bs.append(b)
+                as_.append(a)
+            plan = {"classes": list(classes.values()),
+                    "families": {f: [layout.members(m) for m in layout.complete(f)] for f in ("lokr", "loha")}}
+            layout.cache["alora"] = plan
+        return plan
+
     def prepare(self, opt: Any) -> None:
-        layout = opt.lora
+        plan = self._plan(opt.lora)
         scales: dict[int, torch.Tensor] = {}
-        pairs = [layout.members(m) for m in layout.complete("lora") if Role.LORA_MID not in m.members]
-        if pairs:
-            bs = [m[Role.LORA_B] for m in pairs]  # step() runs under no_grad: no detach (one op per tensor)
-            as_ = [m[Role.LORA_A] for m in pairs]
-            for idx, rows in product_row_norms_batched(bs, as_):  # one batch per shape class
-                b_shape = (rows.shape[0], rows.shape[1], *([1] * (bs[idx[0]].dim() - 1)))
-                for i, scale in zip(idx, (1.0 / (1.0 + rows)).view(b_shape).unbind(0)):
-                    scales[id(bs[i])] = scale
-                for i, scale in zip(idx, (1.0 / (1.0 + rows.mean(-1))).unbind(0)):
-                    scales[id(as_[i])] = scale
-        for family in ("lokr", "loha"):
-            modules = [layout.members(m) for m in layout.complete(family)]
+        for bs, as_ in plan["classes"]:  # one batch per shape class: ops do not grow with the module count
+            rows = batched_row_norms(as_matrices(bs), as_matrices(as_))
+            b_shape = (rows.shape[0], rows.shape[1], *([1] * (bs[0].dim() - 1)))
+            scales.update(zip(map(id, bs), (1.0 / (1.0 + rows)).view(b_shape).unbind(0)))
+            scales.update(zip(map(id, as_), (1.0 / (1.0 + rows.mean(-1))).unbind(0)))
+        for family, modules in plan["families"].items():
             if modules:
-                norms = factor_norms(family, modules)
-                for members, norm in zip(modules, (1.0 / (1.0 + norms)).unbind(0)):
+                for members, norm in zip(modules, (1.0 / (1.0 + factor_norms(family, modules))).unbind(0)):
                     for p in members.values():
                         scales[id(p)] = norm
         opt.step_cache[self.name] = scales

@@ -46,23 +46,27 @@ class SelectiveProjectionDecay(Technique):
     def run(self, ctx) -> None:
         lam = ctx.hp[self.strength.name]
         theta = ctx.params32()
-        anchored = dict(ctx.pack.tags).get(self.name) == "anchor"
-        dev_old = ctx.scratch("spd_old").copy_(theta)
-        if anchored:
-            anchor = ctx.scratch("spd_anchor").copy_(ctx.state(ANCHOR.name))
-            dev_old.sub_(anchor)
-        c = -ctx.tensor_dot(ctx.g, dev_old)
-        norm_old = ctx.tensor_norm(dev_old)
+        anchor = ctx.state(ANCHOR.name) if dict(ctx.pack.tags).get(self.name) == "anchor" else None
+        dev = ctx.scratch("spd_dev")
+        if anchor is not None:
+            torch.sub(theta, anchor, out=dev)  # theta_{t-1} - theta_0
+        else:
+            dev.copy_(theta)
+        c = -ctx.tensor_dot(ctx.g, dev)
+        norm_old = ctx.tensor_norm(dev)
         u = ctx.u
         if ctx.lr_scale is not None:
             u.mul_(ctx.lr_scale)
             ctx.lr_scale = None
-        new = ctx.decay_flat_(ctx.scratch("spd_new").copy_(theta)).add_(u, alpha=-ctx.lr * ctx.step_scale)
-        dev_new = dev_old.copy_(new)  # reuse: theta~ - theta_0
-        if anchored:
-            dev_new.sub_(anchor)
-        norm_new = ctx.tensor_norm(dev_new)
+        new = ctx.scratch("spd_new")
+        if isinstance(ctx.decay, list) or ctx.decay != 1.0:
+            ctx.decay_flat_(new.copy_(theta)).add_(u, alpha=-ctx.lr * ctx.step_scale)
+        else:
+            torch.add(theta, u, alpha=-ctx.lr * ctx.step_scale, out=new)
+        if anchor is not None:
+            torch.sub(new, anchor, out=dev)  # theta~ - theta_0
+        else:
+            dev.copy_(new)
+        norm_new = ctx.tensor_norm(dev)
         ratio = ((norm_new - norm_old) / norm_new.clamp_min(1e-30)).clamp_(0.0, 1.0)
-        factor = torch.where(c < 0, -lam * ratio, torch.zeros_like(ratio))
-        new.add_(ctx.tensor_scale_(dev_new, factor))
-        ctx.new_params = new
+        ctx.new_params = ctx.tensor_axpy_(new, dev, torch.where(c < 0, -lam * ratio, torch.zeros_like(ratio)))
