@@ -5,12 +5,15 @@ Every optimizer class is importable from here, so kohya's ``--optimizer_type sd_
 
 from .config import Field, load_preset
 from .engine import HinaOptimizer
-from .optimizers import CustomAdamW, CustomAdamWOptimizer, HinaAdamW, HinaAdamWCore, HinaAdamWOptimizer
+from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
+                         HinaAdamWCore, HinaAdamWOptimizer)
 from .registry import create_optimizer, list_optimizers, resolve
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamWBF16_HinaAdaptive",
+    "AdamW_HinaAdaptive",
     "CustomAdamW",
     "CustomAdamWOptimizer",
     "Field",

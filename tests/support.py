@@ -112,13 +112,17 @@ def roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-def problem_lr(spec) -> float:
-    """The lr the conformance problem trains with: the class's ``SUGGESTED_LR`` or its default lr.
+PROBLEM_LR = 1e-3
 
-    Presets suggest lrs for real SD/SDXL training; the tiny problem here needs the same lr for every variant
-    of an optimizer, so presets contribute their arguments, not their learning_rate.
+
+def problem_lr(spec) -> float:
+    """The lr the conformance problem trains with: 1e-3 for Adam-scale optimizers, or the class's
+    ``CONFORMANCE_LR`` when its lr means something else.
+
+    Defaults and presets suggest lrs for real SD/SDXL training; the tiny problem here needs one lr for every
+    variant, so presets contribute their arguments, not their learning_rate.
     """
-    return getattr(spec.cls, "SUGGESTED_LR", None) or spec.config().lr
+    return getattr(spec.cls, "CONFORMANCE_LR", PROBLEM_LR)
 
 
 def variants() -> list[tuple[str, str, dict, float]]:
@@ -144,6 +148,12 @@ def variants() -> list[tuple[str, str, dict, float]]:
         given = {a.partition("=")[0].strip() for a in preset["optimizer_args"]}
         out.append((f"{spec.name}-{path.stem}", spec.name, {k: getattr(config, k) for k in given}, problem_lr(spec)))
     return out
+
+
+def param_dtype(name: str, wanted: torch.dtype = torch.float32) -> torch.dtype:
+    """``wanted`` if the optimizer accepts it, else the first dtype it does accept."""
+    allowed = registry.resolve(name).cls.PARAM_DTYPES
+    return wanted if allowed is None or wanted in allowed else allowed[0]
 
 
 def make(name: str, params, lr: float, **kwargs):

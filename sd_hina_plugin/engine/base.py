@@ -34,6 +34,7 @@ from ..config import ConfigBase
 from ..lora import discovery
 from ..lora.layout import LoraLayout
 from ..numerics import quant8
+from ..numerics.rounding import stochastic_round_
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs
 from .technique import STAGES, Slot, Technique
@@ -64,6 +65,10 @@ class HinaOptimizer(torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
     Config: ClassVar[type[ConfigBase]]
+    #: parameter dtypes the optimizer accepts (None: any floating dtype)
+    PARAM_DTYPES: ClassVar[tuple[torch.dtype, ...] | None] = None
+    #: the optimizer to suggest instead when the dtype is wrong
+    OTHER_DTYPES_HINT: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -121,7 +126,15 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._packs = None
 
     def _check_setup(self) -> None:
-        """Hook for subclasses: reject parameter/argument combinations that cannot work."""
+        """Reject parameter/argument combinations that cannot work (subclasses may add checks)."""
+        if self.PARAM_DTYPES is not None:
+            wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
+                     if p.dtype not in self.PARAM_DTYPES]
+            if wrong:
+                listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
+                more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+                allowed = "/".join(str(d).replace("torch.", "") for d in self.PARAM_DTYPES)
+                raise TypeError(f"{self.NAME} needs {allowed} parameters; got {listed}{more}. {self.OTHER_DTYPES_HINT}".strip())
         if any(self._wants_8bit(g) for g in self.param_groups):
             ok, why = quant8.bnb_available()
             if not ok:
@@ -221,8 +234,12 @@ class HinaOptimizer(torch.optim.Optimizer):
         slots: dict[str, Slot] = {}
         for tech in self.techniques(group):
             for slot in tech.slots_for(group, pack):
-                slots[slot.name] = slot
+                slots[slot.name] = self.slot_policy(slot)
         return list(slots.values())
+
+    def slot_policy(self, slot: Slot) -> Slot:
+        """Hook: an optimizer may change how slots are stored (e.g. all moments in bf16)."""
+        return slot
 
     # -- state layout -------------------------------------------------------------------------------------
     @staticmethod
@@ -241,7 +258,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             return torch.zeros(len(pack.params), dtype=torch.float32, device=pack.device)
         if key.endswith(".q"):
             return torch.zeros(pack.total, dtype=torch.uint8, device=pack.device)
-        dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16}[slot.dtype]
+        dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8}[slot.dtype]
         return torch.zeros(pack.total, dtype=dtype, device=pack.device)
 
     def _allocate(self, pack: Pack, group: dict[str, Any]) -> None:
@@ -255,6 +272,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                 views = pack.key_views(key, buf)
                 if slot.init == "param":
                     torch._foreach_copy_(views, pack.params)
+                elif slot.init == "ones":
+                    buf.fill_(1.0)
                 for p, view in zip(pack.params, views):
                     self.state[p][key] = view
 
@@ -279,6 +298,17 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _on_state_init(self) -> None:
         """Hook for subclasses that derive extra state once the layout exists."""
+
+    def packs(self) -> list[Pack]:
+        """Every pack of every group (state must exist: call after the first step or ``_init_state``)."""
+        return [pack for packs in self._packs or [] for pack in packs]
+
+    def per_tensor(self, key: str) -> tuple[list[Pack], torch.Tensor | None]:
+        """A per-tensor slot of all packs as one vector (packs that have it, and their values concatenated)."""
+        packs = [pack for pack in self.packs() if key in pack.storage]
+        if not packs:
+            return [], None
+        return packs, torch.cat([pack.storage[key] for pack in packs])
 
     def _scratch(self, name: str, pack: Pack, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buf = self._pool.get(name, pack.total, dtype, pack.device)
@@ -355,11 +385,15 @@ class HinaOptimizer(torch.optim.Optimizer):
             g.index_fill_(0, pack.pad_index, 0.0)
         states: dict[str, torch.Tensor] = {}
         quantized: list[Slot] = []
+        rounded: list[Slot] = []
         for slot in self._slots(group, pack):
-            if pack.quantized and slot.quantizable:
+            if pack.quantized and slot.quantizable and not slot.per_tensor:
                 out = None if pack.device.type == "cpu" else self._scratch(f"deq.{slot.name}", pack)
                 states[slot.name] = quant8.dequantize(pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed, out=out)
                 quantized.append(slot)
+            elif slot.dtype == "bf16" and not slot.per_tensor and slot.init != "param":
+                states[slot.name] = self._scratch(f"sr.{slot.name}", pack).copy_(pack.storage[slot.name])
+                rounded.append(slot)
             else:
                 states[slot.name] = pack.storage[slot.name]
         ctx = StepContext(self, pack, group, g, states)
@@ -369,6 +403,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                 break
         for slot in quantized:
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
+        for slot in rounded:  # bf16 state: every write unbiased (a plain bf16 EMA cannot follow falling values)
+            stochastic_round_(pack.storage[slot.name], states[slot.name], self._generator(pack.device),
+                              scratch=self._scratch("sr_bits", pack, torch.int32))
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -41,11 +41,13 @@ class Slot:
     name: str
     quantizable: bool = False
     signed: bool = True
+    #: storage dtype: "fp32", "param" (the parameter's), "bf16" (read as fp32 and written back with unbiased
+    #: stochastic rounding after each step), "int8" (small integers, used as stored)
     dtype: str = "fp32"
     low_precision_only: bool = False
     #: one value per tensor instead of one per element (e.g. TAM's cosine EMA)
     per_tensor: bool = False
-    #: initial value: "zeros", or "param" (a copy of the parameter when state is created, e.g. SPD anchors)
+    #: initial value: "zeros", "ones", or "param" (a copy of the parameter when state is created, e.g. SPD anchors)
     init: str = "zeros"
 
 

@@ -3,7 +3,8 @@
     alpha = |g| / sum(|g|)          g <- g - alpha * g = g * (1 - |g| / sum(|g|))
 
 The sum runs over the elements of each tensor (the paper's per-layer coefficient), not over the whole
-parameter group (where it would be ~1/N and a no-op).
+parameter group (where it would be ~1/N and a no-op). Single-element tensors (e.g. LyCORIS ``scalar``) are
+left alone: for them alpha is 1 and the formula would erase every gradient.
 """
 
 from __future__ import annotations
@@ -25,5 +26,6 @@ class AGR(Technique):
     def run(self, ctx) -> None:
         g = ctx.g
         alpha = torch.abs(g, out=ctx.scratch("agr"))
-        ctx.tensor_scale_(alpha, 1.0 / ctx.tensor_sum(alpha).clamp_min_(1e-30))
+        inverse = torch.where(ctx.numels() > 1, 1.0 / ctx.tensor_sum(alpha).clamp_min_(1e-30), 0.0)
+        ctx.tensor_scale_(alpha, inverse)
         g.addcmul_(g, alpha, value=-1.0)

@@ -43,7 +43,7 @@ def reference_run(named, grads_per_step, hp):
                 coef = (p * g).sum() / ((p * p).sum() + 1e-30)
                 gp = g - coef * p
                 g = gp * g.norm() / (gp.norm() + 1e-30)
-            if hp["use_agr"]:
+            if hp["use_agr"] and g.numel() > 1:
                 g = g * (1 - g.abs() / g.abs().sum().clamp_min(1e-30))
             if hp["use_adopt_stability"]:
                 if t == 1:

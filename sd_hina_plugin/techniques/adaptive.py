@@ -1,0 +1,203 @@
+"""The adaptive layer of AdamW_HinaAdaptive / AdamWBF16_HinaAdaptive (seed 003), and its per-element lr mask.
+
+:class:`AdaptiveImportance`: a per-tensor importance that scales the update.
+
+* Each step, per tensor, three statistics are averaged (EMA with ``importance_decay``):
+  gradient consistency ``(1 + cos(m, g)) / 2``, change rate ``lr ||u|| / ||theta||`` (the relative step) and
+  gradient signal-to-noise ``||m|| / sqrt(sum v)``.
+* Once per step, over all parameters of the optimizer, each statistic is divided by its mean, so it becomes
+  a relative signal, and ``contribution = 0.4 consistency + 0.3 change + 0.3 snr`` (the seed's weights) has
+  mean 1. Then ``importance <- d * importance + (1 - d) * contribution``. Importance starts at 1 and stays
+  centred on 1: it is not a slow decay toward a floor.
+* Every ``relationship_discovery_interval`` steps, relationships are rebuilt. Known LoRA/LoKr/LoHa pairs come
+  first (compatibility 1). Then shape-chainable candidates: a matrix ``X (m x k)`` and the first unused
+  ``Y (k x n)``, found by hashing dimensions (O(N), never all pairs). A candidate is scored by the absolute
+  correlation between the column norms of X and the row norms of Y over the shared dimension, and kept if
+  the score reaches ``compatibility_threshold``.
+* Related tensors share importance: ``imp_i <- (1 - c/2) imp_i + (c/2) imp_partner``.
+* The update is scaled by ``clamp(importance, 1/(1+a), 1+a)``, ``a = adaptation_strength``
+  (``a = 0``: no effect).
+
+All of it is per-tensor state (``adapt.*`` keys) computed on the device: checkpointed, moved with the
+optimizer, no host syncs. ``importance_decay`` and ``relationship_discovery_interval`` are read from the
+first param group; the other arguments per group.
+
+:class:`LrMask` (the Automagic per-element lr mask, made relative): a multiplier per element, starting at 1
+and bounded by ``[min_lr, max_lr] / lr0`` (``lr0`` = the group's lr at the first step). For the first
+``warmup_steps`` steps it moves ``+lr_bump/lr0`` where the gradient keeps its sign and ``-lr_bump/lr0``
+where it flips; it is frozen afterwards. Because it multiplies ``group["lr"]``, the scheduler and
+per-group lrs keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Slot, Technique
+from ..lora.factors import as_matrices
+from ..lora.names import Role
+
+USE_DYNAMIC = Field("use_dynamic_adaptation", "bool", True, "Scale each tensor's update by its relative importance.")
+STRENGTH = Field("adaptation_strength", "float", 1.0, "Importance scales lie in [1/(1+a), 1+a]; 0 disables the scaling.", low=0.0)
+INTERVAL = Field("relationship_discovery_interval", "int", 100, "Steps between rebuilds of parameter relationships.", low=1)
+DECAY = Field("importance_decay", "float", 0.95, "EMA decay of the importance statistics and of importance itself.", low=0.0, high=1.0, high_open=True)
+THRESHOLD = Field("compatibility_threshold", "float", 0.3, "Minimum compatibility for a discovered (unnamed) relationship.", low=0.0, high=1.0)
+
+STATS = ("adapt.consistency", "adapt.change", "adapt.snr")
+WEIGHTS = (0.4, 0.3, 0.3)
+#: representative member of each side of an adapter module, for relationships
+_SIDES = {
+    "lora": ((Role.LORA_B,), (Role.LORA_A,)),
+    "lokr": ((Role.LOKR_W1, Role.LOKR_W1_A), (Role.LOKR_W2, Role.LOKR_W2_A)),
+    "loha": ((Role.HADA_W1_A,), (Role.HADA_W2_A,)),
+}
+
+
+class AdaptiveImportance(Technique):
+    name = "adaptive_importance"
+    stage = "scale"
+    fields = (STRENGTH, INTERVAL, DECAY, THRESHOLD)
+    slots = (Slot("adapt.importance", per_tensor=True, init="ones"),
+             *(Slot(k, per_tensor=True) for k in STATS),
+             Slot("adapt.partner", per_tensor=True), Slot("adapt.compat", per_tensor=True))
+    summary = "per-tensor relative importance (consistency, change rate, SNR) and relationships scale the update"
+
+    def __init__(self, switch: Field = USE_DYNAMIC):
+        self.switch = switch
+
+    # -- once per step, over all packs -------------------------------------------------------------------
+    def prepare(self, opt: Any) -> None:
+        packs, importance = opt.per_tensor("adapt.importance")
+        if importance is None:
+            return
+        hp = opt.param_groups[0]
+        done = hp["step"]  # steps completed so far
+        if done > 0:
+            decay = hp["importance_decay"]
+            contribution = torch.zeros_like(importance)
+            for key, weight in zip(STATS, WEIGHTS):
+                values = torch.cat([p.storage[key] for p in packs])
+                contribution.add_(values / values.mean().clamp_min(1e-30), alpha=weight)
+            updated = importance * decay + contribution * (1.0 - decay)
+            present = [p.grad is not None for pack in packs for p in pack.params]
+            if all(present):
+                importance = updated
+            else:  # tensors without a gradient this step keep their importance
+                importance = torch.where(torch.tensor(present, device=importance.device), updated, importance)
+            if done % hp["relationship_discovery_interval"] == 0:
+                self.discover(opt, packs)
+        partner = torch.cat([p.storage["adapt.partner"] for p in packs]).long()
+        compat = torch.cat([p.storage["adapt.compat"] for p in packs])
+        shared = importance[(partner - 1).clamp_min(0)]
+        blended = torch.where(partner > 0, importance * (1 - compat / 2) + shared * (compat / 2), importance)
+        offset, slices = 0, {}
+        for pack in packs:
+            n = len(pack.params)
+            pack.storage["adapt.importance"].copy_(importance[offset:offset + n])
+            slices[id(pack)] = blended[offset:offset + n]
+            offset += n
+        opt.step_cache[self.name] = slices
+
+    def discover(self, opt: Any, packs: list) -> None:
+        """Relationships: known adapter pairs, then shape-chainable candidates scored on the device (no sync)."""
+        params = [p for pack in packs for p in pack.params]
+        device = packs[0].device
+        index = {id(p): i for i, p in enumerate(params)}
+        partner = torch.zeros(len(params), device=device)
+        compat = torch.zeros(len(params), device=device)
+        layout, used = opt.lora, set()
+        known: list[tuple[int, int]] = []
+        for family, (left, right) in _SIDES.items():
+            for module in layout.complete(family):
+                members = layout.members(module)
+                x = next((members[r] for r in left if r in members), None)
+                y = next((members[r] for r in right if r in members), None)
+                if x is not None and y is not None and id(x) in index and id(y) in index:
+                    known.append((index[id(x)], index[id(y)]))
+                    used.update(known[-1])
+        by_rows: dict[int, list[int]] = {}
+        for i, p in enumerate(params):
+            if i not in used and p.dim() >= 2:
+                by_rows.setdefault(p.shape[0], []).append(i)
+        candidates: dict[tuple, list[tuple[int, int]]] = {}
+        for i, p in enumerate(params):
+            if i in used or p.dim() < 2:
+                continue
+            for j in by_rows.get(p.numel() // p.shape[0], []):
+                if j != i and j not in used:
+                    used.update((i, j))
+                    candidates.setdefault((tuple(p.shape), tuple(params[j].shape)), []).append((i, j))
+                    break
+        groups = [(known, torch.ones(len(known), device=device))] if known else []
+        threshold = opt.param_groups[0]["compatibility_threshold"]
+        for pairs in candidates.values():  # one batch per shape class
+            x = as_matrices([params[i] for i, _ in pairs]).norm(dim=1)   # column norms of X over the shared dim
+            y = as_matrices([params[j] for _, j in pairs]).norm(dim=2)   # row norms of Y over the shared dim
+            x = x - x.mean(1, keepdim=True)
+            y = y - y.mean(1, keepdim=True)
+            score = ((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-30)).abs()
+            groups.append((pairs, torch.where(score >= threshold, score, torch.zeros_like(score))))
+        for pairs, score in groups:
+            left = torch.tensor([i for i, _ in pairs], device=device)
+            right = torch.tensor([j for _, j in pairs], device=device)
+            linked = score > 0
+            partner[left] = torch.where(linked, right + 1.0, 0.0)
+            partner[right] = torch.where(linked, left + 1.0, 0.0)
+            compat[left] = score
+            compat[right] = score
+        offset = 0
+        for pack in packs:
+            n = len(pack.params)
+            pack.storage["adapt.partner"].copy_(partner[offset:offset + n])
+            pack.storage["adapt.compat"].copy_(compat[offset:offset + n])
+            offset += n
+
+    # -- per pack ------------------------------------------------------------------------------------------
+    def run(self, ctx) -> None:
+        decay = ctx.hp["importance_decay"]
+        m, v, g = ctx.state("exp_avg"), ctx.state("exp_avg_sq"), ctx.g
+        m_norm, g_norm = ctx.tensor_norm(m), ctx.tensor_norm(g)
+        norms = m_norm * g_norm
+        consistency = torch.where(norms > 0, ctx.tensor_dot(m, g) / norms.clamp_min(1e-30), torch.zeros_like(norms))
+        weights = torch.stack(torch._foreach_norm(ctx.pack.params)).float()
+        change = ctx.tensor_norm(ctx.u) * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
+        snr = m_norm / ctx.tensor_sum(v).clamp_min(0).sqrt().clamp_min(1e-30)
+        for key, value in zip(STATS, (consistency.add_(1).mul_(0.5), change, snr)):
+            ctx.state(key).lerp_(value, 1.0 - decay)
+        blended = ctx.opt.step_cache.get(self.name, {}).get(id(ctx.pack))
+        if blended is not None:
+            a = ctx.hp["adaptation_strength"]
+            ctx.tensor_scale_(ctx.u, blended.clamp(1.0 / (1.0 + a), 1.0 + a))
+
+
+USE_LR_MASK = Field("use_lr_mask", "bool", True, "Per-element lr multiplier learned from gradient sign agreement during warm-up.")
+LR_BUMP = Field("lr_bump", "float", 3e-6, "Step of the lr mask, in lr units (relative to the group's first lr).", low=0.0)
+MIN_LR = Field("min_lr", "float", 1e-7, "Lower bound of the masked lr (relative to the group's first lr).", low=0.0)
+MAX_LR = Field("max_lr", "float", 1e-3, "Upper bound of the masked lr (relative to the group's first lr).", low=0.0)
+WARMUP = Field("warmup_steps", "int", 500, "Steps during which the lr mask learns; frozen afterwards.", low=0)
+
+
+class LrMask(Technique):
+    name = "lr_mask"
+    stage = "scale"
+    fields = (LR_BUMP, MIN_LR, MAX_LR, WARMUP)
+    slots = (Slot("lr_mask.mult", dtype="bf16", init="ones"), Slot("lr_mask.sign", dtype="int8"))
+    summary = "Automagic-style per-element lr multiplier (relative to the group lr), learned during warm-up"
+
+    def __init__(self, switch: Field = USE_LR_MASK):
+        self.switch = switch
+
+    def run(self, ctx) -> None:
+        lr0 = ctx.hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit
+        mult, sign = ctx.state("lr_mask.mult"), ctx.state("lr_mask.sign")
+        if ctx.step <= ctx.hp["warmup_steps"] and lr0 > 0:
+            current = torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")).to(torch.int8)
+            if ctx.step > 1:  # the first step only records the signs
+                bump = ctx.hp["lr_bump"] / lr0
+                agree = (current == sign).to(torch.float32).mul_(2.0 * bump).sub_(bump)  # +bump / -bump
+                mult.add_(agree).clamp_(ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
+            sign.copy_(current)
+        ctx.u.mul_(mult)
