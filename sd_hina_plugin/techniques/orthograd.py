@@ -5,9 +5,12 @@ Applied to the raw gradient before the base optimizer, per tensor:
     g_perp = g - (<w, g> / (<w, w> + eps)) w          g <- g_perp * ||g|| / (||g_perp|| + eps)
 
 The projection removes the component that only scales the weights; the rescale keeps the gradient norm.
+Single-element tensors are left alone: their gradient is always parallel to the weight and would vanish.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ..config import Field
 from ..engine.technique import Technique
@@ -26,7 +29,7 @@ class OrthoGrad(Technique):
     def run(self, ctx) -> None:
         g = ctx.g
         w = ctx.params32()
-        coef = ctx.tensor_dot(w, g) / (ctx.tensor_dot(w, w) + EPS)
+        coef = torch.where(ctx.numels() > 1, ctx.tensor_dot(w, g) / (ctx.tensor_dot(w, w) + EPS), 0.0)
         norm_before = ctx.tensor_norm(g)
         proj = ctx.scratch("orthograd")
         proj.copy_(w)

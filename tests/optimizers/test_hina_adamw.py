@@ -39,7 +39,7 @@ def reference_run(named, grads_per_step, hp):
         for n, p in params.items():
             g = grads[n].clone()
             s = st[n]
-            if hp["use_orthogonal_grad"]:
+            if hp["use_orthogonal_grad"] and g.numel() > 1:
                 coef = (p * g).sum() / ((p * p).sum() + 1e-30)
                 gp = g - coef * p
                 g = gp * g.norm() / (gp.norm() + 1e-30)
