@@ -184,3 +184,10 @@ class RoleScaledAdamW(HinaOptimizer):
                   AllLoraRowScale(Field("eta", "float", 2.0, "ALLoRA eta", low=0.0, low_open=True), switch=USE_ALLORA),
                   DecoupledWeightDecay(), WriteParams())
     Config = config_for(NAME, TECHNIQUES, defaults={"weight_decay": 0.0})
+
+
+class LossObservingAdamW(sd_hina_plugin.HinaAdamWCore):
+    """Not registered: records what the kohya hook feeds to ``observe_loss``."""
+
+    def observe_loss(self, loss):
+        self.observed = getattr(self, "observed", []) + [float(loss)]

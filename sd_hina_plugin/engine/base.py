@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 
 from ..config import ConfigBase
+from ..kohya.hook import attach as attach_to_kohya
 from ..lora import discovery
 from ..lora.layout import LoraLayout
 from ..numerics import quant8
@@ -94,6 +95,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         super().__init__(params, self.config.as_dict())
         self._check_setup()
         self._discover_names()
+        attach_to_kohya(self)  # inside kohya's trainer: add stats() to its step logs
         for note in self.notes():
             logger.info("%s: %s", self.NAME, note)
 
