@@ -19,14 +19,21 @@ from sd_hina_plugin.kohya import attach
 FAKE = Path(__file__).resolve().parents[1] / "kohya_fake"
 
 
+FAKE_MODULES = ("train_network", "sdxl_train_network", "library", "library.train_util", "networks", "networks.lora")
+
+
 @pytest.fixture
 def kohya(monkeypatch):
+    """The stand-in kohya tree on sys.path; its modules are removed afterwards, so that later tests do not
+    run as if inside kohya."""
     monkeypatch.syspath_prepend(str(FAKE))
-    for name in ("train_network", "sdxl_train_network", "library", "library.train_util", "networks", "networks.lora"):
+    for name in FAKE_MODULES:
         monkeypatch.delitem(sys.modules, name, raising=False)
     import train_network
 
-    return train_network
+    yield train_network
+    for name in FAKE_MODULES:
+        sys.modules.pop(name, None)
 
 
 def _args(train_network, *argv):
