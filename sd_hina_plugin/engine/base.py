@@ -399,7 +399,12 @@ class HinaOptimizer(torch.optim.Optimizer):
             else:
                 states[slot.name] = pack.storage[slot.name]
         ctx = StepContext(self, pack, group, g, states)
+        self._screen_nonfinite(ctx)
+        masked = False
         for tech in self.techniques(group):
+            if tech.stage == "apply" and not masked:  # skipped tensors: no update (decay masked at the write)
+                self._mask_skipped(ctx, ctx.u)
+                masked = True
             tech.run(ctx)
             if ctx.done:
                 break
@@ -408,6 +413,24 @@ class HinaOptimizer(torch.optim.Optimizer):
         for slot in rounded:  # bf16 state: every write unbiased (a plain bf16 EMA cannot follow falling values)
             stochastic_round_(pack.storage[slot.name], states[slot.name], self._generator(pack.device),
                               scratch=self._scratch("sr_bits", pack, torch.int32))
+
+    def _screen_nonfinite(self, ctx: StepContext) -> None:
+        """A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed (so the moments see no
+        signal this step and never hold NaN), its update and weight decay are masked, and it is counted in
+        ``hina/nonfinite_skipped``. One read (per-tensor sums: a sum is finite iff every element is) and one
+        masked fill per step, no sync."""
+        finite = torch.isfinite(ctx.tensor_sum(ctx.g))
+        ctx.keep = finite.to(torch.float32)
+        torch.nan_to_num_(ctx.g, nan=0.0, posinf=0.0, neginf=0.0)  # NaN * 0 would stay NaN
+        self._mask_skipped(ctx, ctx.g)
+        skipped = (~finite).sum()
+        previous = self._stats.get("hina/nonfinite_skipped")
+        self._stats["hina/nonfinite_skipped"] = skipped if previous is None else previous + skipped
+
+    @staticmethod
+    def _mask_skipped(ctx: StepContext, flat: torch.Tensor) -> None:
+        """Zero the skipped tensors' elements of finite ``flat`` (a multiply: 10x faster than masked_fill_ here)."""
+        ctx.tensor_scale_(flat, ctx.keep)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

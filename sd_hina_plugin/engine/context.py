@@ -46,6 +46,8 @@ class StepContext:
         self.new_params: torch.Tensor | None = None
         #: set by a technique to end this step for the pack (e.g. ADOPT's initialising first step)
         self.done = False
+        #: 1.0 for tensors whose gradient is finite, 0.0 for those skipped this step (set by the engine)
+        self.keep: torch.Tensor | None = None
         self._p32: torch.Tensor | None = None
 
     @property
@@ -66,7 +68,8 @@ class StepContext:
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
-        parts = [(b.rows(x) * b.rows(y)).sum(1) for b in self.pack.buckets]  # faster on CPU than vecdot/bmm
+        tmp = self.scratch("tensor_dot")  # product into a reused buffer, then a row sum (faster than vecdot/bmm)
+        parts = [torch.mul(b.rows(x), b.rows(y), out=b.rows(tmp)).sum(1) for b in self.pack.buckets]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,16 +106,29 @@ class StepContext:
             self._p32 = p32
         return self._p32
 
-    def decay_flat_(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply ``self.decay`` (a float or one float per tensor) to flat ``x`` in place."""
-        if isinstance(self.decay, list):
-            key = ("decay", tuple(self.decay))
+    def effective_decay(self) -> float | torch.Tensor:
+        """``self.decay`` as applied: a float, or a per-tensor vector in which skipped tensors (non-finite
+        gradient) keep 1.0."""
+        decay = self.decay
+        if isinstance(decay, list):
+            key = tuple(decay)
             cached = self.pack.derived.get("decay_values")
             if cached is None or cached[0] != key:
-                cached = (key, torch.tensor(self.decay, device=x.device))
+                cached = (key, torch.tensor(decay, device=self.pack.device))
                 self.pack.derived["decay_values"] = cached
-            return self.tensor_scale_(x, cached[1])
-        return x.mul_(self.decay) if self.decay != 1.0 else x
+            decay = cached[1]
+        elif decay == 1.0:
+            return 1.0
+        if self.keep is None:
+            return decay
+        return self.keep * (decay - 1.0) + 1.0
+
+    def decay_flat_(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the decay (float or per tensor) to flat ``x`` in place."""
+        decay = self.effective_decay()
+        if isinstance(decay, torch.Tensor):
+            return self.tensor_scale_(x, decay)
+        return x.mul_(decay) if decay != 1.0 else x
 
     def stat(self, name: str, value: torch.Tensor | float) -> None:
         """Record a logged scalar (kept on device; read only by ``optimizer.stats()``)."""
@@ -133,10 +149,11 @@ class StepContext:
             if self.new_params is not None:
                 torch._foreach_copy_(params, pack.views(self.new_params))
                 return
-            if isinstance(self.decay, list):
-                torch._foreach_mul_(params, self.decay)
-            elif self.decay != 1.0:
-                torch._foreach_mul_(params, self.decay)
+            decay = self.effective_decay()
+            if isinstance(decay, torch.Tensor):
+                torch._foreach_mul_(params, list(decay.unbind(0)))
+            elif decay != 1.0:
+                torch._foreach_mul_(params, decay)
             torch._foreach_add_(params, pack.views(direction), alpha=alpha)
             return
         p32 = self.params32()

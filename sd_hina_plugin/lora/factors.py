@@ -16,10 +16,20 @@ from __future__ import annotations
 import torch
 
 
-def as_matrices(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack same-shape tensors as a ``(k, rows, cols)`` batch (conv kernels flattened after dim 0)."""
-    stacked = torch.stack(tensors).float()
-    return stacked.view(stacked.shape[0], stacked.shape[1] if stacked.dim() > 1 else 1, -1)
+def as_matrices(tensors: list[torch.Tensor], buffers: dict | None = None, key: str = "") -> torch.Tensor:
+    """Stack same-shape tensors as a ``(k, rows, cols)`` fp32 batch (conv kernels flattened after dim 0).
+
+    With ``buffers``, the stack is written into a buffer kept there under ``key`` and reused next time."""
+    first = tensors[0]
+    shape = (len(tensors), *first.shape)
+    if buffers is not None and first.dtype == torch.float32:
+        out = buffers.get(key)
+        if out is None or out.shape != shape:
+            out = buffers[key] = torch.empty(shape, device=first.device)
+        stacked = torch.stack(tensors, out=out)
+    else:
+        stacked = torch.stack(tensors).float()
+    return stacked.view(shape[0], shape[1] if len(shape) > 1 else 1, -1)
 
 
 def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
@@ -29,10 +39,17 @@ def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
     return classes
 
 
-def batched_row_norms(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def batched_row_norms(b: torch.Tensor, a: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
     """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out)."""
     gram = torch.bmm(a, a.transpose(1, 2))
-    return (torch.bmm(b, gram) * b).sum(-1).clamp_min_(0).sqrt_()
+    if buffers is None:
+        bg = torch.bmm(b, gram)
+    else:
+        bg = buffers.get("bg")
+        if bg is None or bg.shape != b.shape:
+            bg = buffers["bg"] = torch.empty_like(b)
+        torch.bmm(b, gram, out=bg)
+    return bg.mul_(b).sum(-1).clamp_min_(0).sqrt_()
 
 
 def product_row_norms(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[torch.Tensor]:
