@@ -240,3 +240,50 @@ def test_op_count_independent_of_tensor_count(variant):
             counter = count_step(opt)
         counts.append(counter.total)
     assert counts[0] == counts[1], counts
+
+
+# -- faults ---------------------------------------------------------------------------------------------------
+
+def test_nonfinite_gradient_skips_only_that_tensor(variant):
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=param_dtype(name))
+    params = trainable(model)
+    opt = make(name, params, lr, **kwargs)
+    train(model, opt, data, 3)
+    x, y = data[0]
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+    nan_param, inf_param = params[0], params[3]
+    nan_param.grad.view(-1)[0] = float("nan")
+    inf_param.grad.view(-1)[-1] = float("inf")
+    before = {id(p): p.detach().clone() for p in params}
+    opt.step()
+    assert torch.equal(nan_param, before[id(nan_param)]) and torch.equal(inf_param, before[id(inf_param)])
+    assert any(not torch.equal(p, before[id(p)]) for p in params if p is not nan_param and p is not inf_param)
+    for p in params:
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), key
+    assert opt.stats()["hina/nonfinite_skipped"] == 2
+    train(model, opt, data, 3, start=4)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_grad_scaler_skips_the_step_when_it_finds_infs(variant):
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=param_dtype(name))
+    params = trainable(model)
+    opt = make(name, params, lr, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for i, (x, y) in enumerate(data[:3]):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(torch.nn.functional.mse_loss(model(x).float(), y.float())).backward()
+        if i == 2:
+            params[1].grad.view(-1)[0] = float("inf")
+            before = [p.detach().clone() for p in params]
+            state = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # the whole step was skipped
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert scaler.get_scale() == 512.0

@@ -1,0 +1,184 @@
+"""Faults, bad input, resume through accelerate, gradient accumulation, memory, multi-process DDP."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from support import lora_problem, loss_on, make, param_dtype, problem_lr, train, trainable
+
+from sd_hina_plugin import HinaAdamWCore, registry
+
+SPECS = registry.specs()
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_bad_inputs_have_clear_errors(spec, monkeypatch):
+    dtype = param_dtype(spec.name)
+    a, b = torch.nn.Parameter(torch.zeros(4, 4, dtype=dtype)), torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    with pytest.raises(ValueError, match="more than one parameter group|appear in more than one"):
+        spec.cls([{"params": [a]}, {"params": [a, b]}])
+    with pytest.raises(ValueError, match="param group 1 has no parameters"):
+        spec.cls([{"params": [a]}, {"params": []}])
+    opt = spec.cls([a])
+    a.grad = torch.zeros(4, 4, dtype=dtype).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients are not supported"):
+        opt.step()
+    if "optim_bits" in spec.config.FIELDS:
+        import sd_hina_plugin.numerics.quant8 as quant8
+
+        monkeypatch.setattr(quant8, "bnb_available", lambda: (False, "no kernels for this device"))
+        with pytest.raises(RuntimeError, match="optim_bits=8 needs bitsandbytes.*no kernels for this device"):
+            spec.cls([b], optim_bits=8)
+
+
+# -- resume through accelerate (kohya --save_state / --resume) ----------------------------------------------
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_accelerate_save_state_and_load_state_continue_identically(spec, tmp_path):
+    from accelerate import Accelerator
+
+    dtype = param_dtype(spec.name)
+    lr = problem_lr(spec)
+
+    def setup():
+        accelerator = Accelerator(cpu=True)
+        model, data = lora_problem(dtype=dtype)
+        opt = make(spec.name, trainable(model), lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+        model, opt, sched = accelerator.prepare(model, opt, sched)
+        return accelerator, model, opt, sched, data
+
+    def steps(model, opt, sched, data, start, n):
+        for i in range(start, start + n):
+            x, y = data[i % len(data)]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            opt.step()
+            sched.step()
+
+    accelerator, model, opt, sched, data = setup()
+    steps(model, opt, sched, data, 0, 4)
+    accelerator.save_state(str(tmp_path / "state"))
+    steps(model, opt, sched, data, 4, 4)
+    expected = [p.detach().clone() for p in trainable(model)]
+
+    accelerator2, model2, opt2, sched2, _ = setup()
+    accelerator2.load_state(str(tmp_path / "state"))
+    steps(model2, opt2, sched2, data, 4, 4)
+    for p, q in zip(expected, trainable(model2)):
+        assert torch.equal(p, q)
+
+
+# -- gradient accumulation, zero_grad --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_accumulation_and_zero_grad_behave_like_torch(set_to_none):
+    model_a, data = lora_problem()
+    model_b, _ = lora_problem()
+    ours = HinaAdamWCore(trainable(model_a), lr=1e-3)
+    ref = torch.optim.AdamW(trainable(model_b), lr=1e-3, foreach=False)
+    for step in range(6):
+        for model, opt in ((model_a, ours), (model_b, ref)):
+            opt.zero_grad(set_to_none=set_to_none)
+            for micro in range(2):  # two micro-batches accumulate into .grad
+                x, y = data[(2 * step + micro) % len(data)]
+                (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
+            if step == 3 and not set_to_none:
+                trainable(model)[0].grad.zero_()  # a zero (not None) gradient still steps, as in torch
+            opt.step()
+    for p, q in zip(trainable(model_a), trainable(model_b)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    ours.zero_grad(set_to_none=set_to_none)
+    assert all((p.grad is None) == set_to_none for p in trainable(model_a))
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+
+def test_a_thousand_steps_do_not_grow_memory():
+    """Scratch and state sizes stay fixed from step 20 on; the number of live tensors is the same after 1000
+    and after 1500 steps (dynamic weight decay starts at step 1000 and caches its per-tensor values once);
+    the process does not grow."""
+    psutil = pytest.importorskip("psutil")
+    model, data = lora_problem()
+    opt = make("HinaAdamWOptimizer", trainable(model), 1e-3)
+
+    def census() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() on torch's deprecated proxy objects warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    train(model, opt, data, 20)
+    pool, state = opt._pool.nbytes(), opt.state_bytes()
+    rss = psutil.Process().memory_info().rss
+    train(model, opt, data, 1000, start=20)
+    after_1000 = census()
+    train(model, opt, data, 500, start=1020)
+    assert census() <= after_1000
+    assert opt._pool.nbytes() == pool and opt.state_bytes() == state
+    assert psutil.Process().memory_info().rss - rss < 32 * 2**20
+
+
+def test_accelerate_fp16_mixed_precision_trains():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    model, data = lora_problem()
+    opt = make("HinaAdamWOptimizer", trainable(model), 1e-3)
+    model, opt = accelerator.prepare(model, opt)
+    before = loss_on(model, data)
+    for i in range(40):
+        x, y = data[i % len(data)]
+        opt.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+        accelerator.backward(loss)
+        opt.step()
+    assert loss_on(model, data) < 0.8 * before
+
+
+# -- two processes, gloo, DistributedDataParallel --------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
+    import torch.distributed as dist
+    from support import lora_problem, make, param_dtype, problem_lr, trainable
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for name in names:
+        model, data = lora_problem(dtype=param_dtype(name))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = make(name, trainable(ddp), problem_lr(registry.resolve(name)))
+        for step in range(20):
+            x, y = data[(step + rank) % len(data)]  # each rank its own batch; DDP averages the gradients
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(ddp(x).float(), y.float()).backward()
+            opt.step()
+        tensors = [p.detach().double().flatten() for p in trainable(ddp)]
+        tensors += [v.double().flatten() for p in trainable(ddp) for v in opt.state[p].values()
+                    if isinstance(v, torch.Tensor)]
+        torch.save(torch.cat(tensors), os.path.join(out_dir, f"{name}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_parameters_and_state_identical(tmp_path):
+    names = [s.name for s in SPECS]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), names, str(tmp_path)), nprocs=2, join=True)
+    for name in names:
+        rank0 = torch.load(tmp_path / f"{name}-0.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"{name}-1.pt", weights_only=True)
+        assert torch.equal(rank0, rank1), name
