@@ -121,6 +121,11 @@ class HinaOptimizer(torch.optim.Optimizer):
         group.update(validated.as_dict())
         group.setdefault("step", 0)
         for j, p in enumerate(group["params"]):
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                raise TypeError(
+                    f"{self.NAME}: parameter {j} of group {index} is a DTensor (FSDP2 / tensor parallel). Sharded parameters "
+                    f"are not supported yet: per-tensor statistics (norms, row norms, SPD, importance) would need "
+                    f"reductions across shards. Use DistributedDataParallel (tested) or train unsharded.")
             if p.is_complex():
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
             if not p.is_floating_point():

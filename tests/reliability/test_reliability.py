@@ -182,3 +182,17 @@ def test_ddp_two_processes_keep_parameters_and_state_identical(tmp_path):
         rank0 = torch.load(tmp_path / f"{name}-0.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"{name}-1.pt", weights_only=True)
         assert torch.equal(rank0, rank1), name
+
+
+def test_fsdp2_dtensor_parameters_are_rejected_clearly(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        fully_shard(model)
+        with pytest.raises(TypeError, match="is a DTensor \\(FSDP2"):
+            HinaAdamWCore(model.parameters())
+    finally:
+        dist.destroy_process_group()
