@@ -5,7 +5,7 @@ Every optimizer class is importable from here, so kohya's ``--optimizer_type sd_
 
 from .config import Field, load_preset
 from .engine import HinaOptimizer
-from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
+from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_Sinkgd, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
                          HinaAdamWCore, HinaAdamWOptimizer)
 from .registry import create_optimizer, list_optimizers, resolve
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamWBF16_HinaAdaptive",
     "AdamW_HinaAdaptive",
+    "Automagic_Sinkgd",
     "CustomAdamW",
     "CustomAdamWOptimizer",
     "Field",

@@ -196,8 +196,18 @@ class LrMask(Technique):
         if ctx.step <= ctx.hp["warmup_steps"] and lr0 > 0:
             current = torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")).to(torch.int8)
             if ctx.step > 1:  # the first step only records the signs
-                bump = ctx.hp["lr_bump"] / lr0
-                agree = (current == sign).to(torch.float32).mul_(2.0 * bump).sub_(bump)  # +bump / -bump
+                up, down = self.bumps(ctx, ctx.hp["lr_bump"] / lr0)
+                agree = (current == sign).to(torch.float32)  # 1 where the sign held, 0 where it flipped
+                if isinstance(up, float):
+                    agree.mul_(up + down).sub_(down)  # +up / -down
+                else:  # per-tensor bumps
+                    ctx.tensor_scale_(agree, up + down)
+                    for b in ctx.pack.buckets:
+                        b.rows(agree).sub_(down[b.first:b.first + b.count].unsqueeze(1))
                 mult.add_(agree).clamp_(ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
             sign.copy_(current)
         ctx.u.mul_(mult)
+
+    def bumps(self, ctx, bump: float) -> tuple[Any, Any]:
+        """Upward and downward steps of the mask (floats, or per-tensor vectors in subclasses)."""
+        return bump, bump

@@ -23,10 +23,13 @@ class OrthoGrad(Technique):
     stage = "grad"
     summary = "project the gradient orthogonal to the weights, rescaled to the original norm (per tensor)"
 
-    def __init__(self, switch: Field | None = None):
+    def __init__(self, switch: Field | None = None, after_warmup: bool = False):
         self.switch = switch
+        self.after_warmup = after_warmup  # only once the group's step exceeds warmup_steps (Automagic_Sinkgd)
 
     def run(self, ctx) -> None:
+        if self.after_warmup and ctx.step <= ctx.hp["warmup_steps"]:
+            return
         g = ctx.g
         w = ctx.params32()
         coef = torch.where(ctx.numels() > 1, ctx.tensor_dot(w, g) / (ctx.tensor_dot(w, w) + EPS), 0.0)

@@ -1,0 +1,157 @@
+"""The techniques of Automagic_Sinkgd (seed 000).
+
+SinkGD (Scetbon, Ma, Gong, Meeds, arXiv 2502.06742): a matrix ``X`` (m x n) is normalised by ``L`` alternating
+passes, rows to l2 norm sqrt(n) and columns to sqrt(m). After the passes the entries have RMS ~ 1 whatever the
+gradient scale. We run the passes in scaling-vector form, ``X_L = diag(r) X diag(c)``:
+
+    c = 1;  repeat L times:  r = sqrt(n) / sqrt(X^2 c^2)   (row norms of diag(r) X diag(c) set to sqrt(n))
+                             c = sqrt(m) / sqrt((r^2)^T X^2)  (then column norms to sqrt(m))
+
+This is the same arithmetic as alternating in place, but each pass is one batched mat-vec over ``X^2`` and
+the scaled result is written once. Any tensor with ndim >= 2 is viewed as ``(shape[0], prod(rest))`` (conv
+LoRA included). A 1-D tensor is one row normalised to norm sqrt(n) (RMS 1, the scale of a normalised
+matrix). A scalar gets ``sign``.
+
+The direction before normalisation is Grams-style: ``|m| * sign(g + m)`` for matrices and ``|m| * sign(g)``
+for vectors, with the momentum m of the previous step. The momentum is updated after:
+``m <- b1 m + (1 - b1) g``. The first step only initialises m and the gradient signs (ADOPT-style: no update
+from a single gradient).
+
+VRAdam (Vaidhyanathan et al., arXiv 2505.13196): the update is scaled per tensor by
+``1 / (1 + min(3 * sum(m^2), 10))`` (the seed's beta3 = 3, alpha1 = 10).
+
+Adaptive weight decay (AdaDecay, Nakamura & Hong, arXiv 1907.08931, per layer): ``z = (mean|g_p| - mu) / sigma``
+over the tensors of the group, ``theta_p = 2 / (1 + exp(-4 z))``, ``p <- p (1 - lr * weight_decay * theta_p)``.
+The statistics refresh every ``stats_update_freq`` steps and are kept on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Slot, Technique
+from .adaptive import LrMask
+
+BETA1 = Field("beta1", "float", 0.9, "Momentum decay of the direction's momentum.", low=0.0, high=1.0, high_open=True)
+ITERS = Field("sinkgd_iters", "int", 0, "SinkGD alternating passes; 0 = the seed's choice: 4 (LoRA mode) or 5 (full_finetune).",
+              low=0, high=64)
+FULL = Field("full_finetune", "bool", False, "Full fine-tuning: no ALLoRA rows, 5 SinkGD passes, Prodigy condition against the initial weights.")
+#: guards the row / column scales: with 1e-15 the squared scale of an all-zero row stays finite in fp32 (a
+#: zero-initialised LoRA B has all-zero rows at first), so 0 * scale is 0, never 0 * inf
+EPS = 1e-15
+
+
+def sinkgd_iterations(hp) -> int:
+    return hp["sinkgd_iters"] or (5 if hp["full_finetune"] else 4)
+
+
+class SinkgdFirstStep(Technique):
+    name = "sinkgd_first_step"
+    stage = "moments"
+    fields = (BETA1,)
+    slots = (Slot("exp_avg"),)
+    summary = "first step: initialise the momentum and the gradient signs, no update"
+
+    def run(self, ctx) -> None:
+        if ctx.step == 1:
+            ctx.state("exp_avg").lerp_(ctx.g, 1.0 - ctx.hp["beta1"])
+            ctx.state("lr_mask.sign").copy_(torch.sign(ctx.g))
+            ctx.done = True
+
+
+class SinkgdDirection(Technique):
+    name = "sinkgd"
+    stage = "direction"
+    fields = (ITERS, FULL)
+    summary = "u = |m| sign(g + m), SinkGD-normalised (rows to sqrt(n), columns to sqrt(m)); m updated after"
+
+    def run(self, ctx) -> None:
+        m, g, u = ctx.state("exp_avg"), ctx.g, ctx.u
+        iterations = sinkgd_iterations(ctx.hp)
+        for bucket in ctx.buckets:
+            rows_u, rows_m, rows_g = bucket.rows(u), bucket.rows(m), bucket.rows(g)
+            matrix = len(bucket.shape) >= 2
+            if matrix:
+                torch.add(rows_g, rows_m, out=rows_u).sign_()
+            else:
+                torch.sign(rows_g, out=rows_u)
+            rows_u.mul_(rows_m.abs())
+            if matrix:
+                self.normalize(bucket.matrix(u), bucket.matrix(ctx.scratch("sinkgd_x2")), iterations)
+            else:  # a vector is one row normalised to sqrt(n): RMS 1, the scale of a SinkGD matrix
+                n = bucket.numel
+                rows_u.mul_(math.sqrt(n) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + EPS))
+        m.lerp_(g, 1.0 - ctx.hp["beta1"])
+
+    @staticmethod
+    def normalize(x: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
+        """In place on the batch ``x`` (k, m, n); ``x2`` is scratch of the same shape."""
+        k, rows, cols = x.shape
+        torch.mul(x, x, out=x2)
+        c2 = torch.ones(k, cols, 1, device=x.device)
+        for _ in range(iterations):
+            r = math.sqrt(cols) / (torch.bmm(x2, c2).sqrt_() + EPS)                            # (k, m, 1)
+            c = math.sqrt(rows) / (torch.bmm((r * r).transpose(1, 2), x2).sqrt_() + EPS)     # (k, 1, n)
+            c2 = (c * c).transpose(1, 2)
+        x.mul_(r).mul_(c)
+
+
+class VelocityRegularization(Technique):
+    name = "vradam"
+    stage = "scale"
+    summary = "VRAdam: update scaled by 1 / (1 + min(3 sum(m^2), 10)) per tensor"
+
+    def run(self, ctx) -> None:
+        m = ctx.state("exp_avg")
+        energy = ctx.tensor_dot(m, m)
+        ctx.tensor_scale_(ctx.u, 1.0 / (1.0 + (3.0 * energy).clamp_(max=10.0)))
+
+
+class ProdigyLrMask(LrMask):
+    """The lr mask with the seed's Prodigy-style asymmetry: in the first half of warm-up, per tensor, the
+    sign of ``c = -<g, theta - theta_0>`` (theta_0 = 0 for LoRA factors, the initial weights with
+    ``full_finetune``) makes the upward bump (c > 0) or the downward bump (c < 0) ``d_coef`` times larger."""
+
+    name = "lr_mask"
+    fields = LrMask.fields + (Field("d_coef", "float", 2.0, "Asymmetry of the lr-mask bumps in the first half of warm-up.", low=0.0),)
+    slots = LrMask.slots + (Slot("sinkgd.anchor", dtype="bf16", init="param"),)
+
+    def slots_for(self, hp, pack):
+        return self.slots if hp["full_finetune"] else LrMask.slots
+
+    def bumps(self, ctx, bump: float):
+        if ctx.step >= ctx.hp["warmup_steps"] / 2 or ctx.hp["d_coef"] == 1.0:
+            return bump, bump
+        theta = ctx.params32()
+        if ctx.hp["full_finetune"]:
+            theta = ctx.scratch("sinkgd_dev").copy_(ctx.state("sinkgd.anchor")).neg_().add_(theta)
+        c = -ctx.tensor_dot(ctx.g, theta)
+        d = ctx.hp["d_coef"]
+        up = torch.where(c > 0, d * bump, bump)
+        down = torch.where(c < 0, d * bump, bump)
+        return up, down
+
+
+class AdaptiveWeightDecay(Technique):
+    name = "adaptive_weight_decay"
+    stage = "apply"
+    fields = (Field("lr", "float", 1e-5, "Learning rate; the lr mask multiplies it per element.", low=0.0),
+              Field("weight_decay", "float", 5e-4, "Strength of the adaptive weight decay.", low=0.0),
+              Field("stats_update_freq", "int", 5, "Steps between refreshes of the weight-decay statistics.", low=1))
+    slots = (Slot("adadecay.theta", per_tensor=True, init="ones"),)
+    summary = "AdaDecay per tensor: decay lr*wd*2*sigmoid(4 z), z of mean|g| among the group's tensors"
+
+    def run(self, ctx) -> None:
+        wd = ctx.hp["weight_decay"]
+        if not wd:
+            return
+        theta = ctx.state("adadecay.theta")
+        if (ctx.step - 2) % ctx.hp["stats_update_freq"] == 0:  # the first update step, then every freq steps
+            mean_abs = ctx.tensor_sum(torch.abs(ctx.g, out=ctx.scratch("adadecay"))) / ctx.numels()
+            mu, sigma = mean_abs.mean(), mean_abs.std(unbiased=False)
+            z = (mean_abs - mu) / (sigma + 1e-12)
+            theta.copy_(torch.sigmoid(4.0 * z).mul_(2.0))
+        ctx.decay = 1.0 - ctx.lr * wd * theta
