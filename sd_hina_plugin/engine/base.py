@@ -399,7 +399,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                 states[slot.name] = quant8.dequantize(pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed, out=out)
                 quantized.append(slot)
             elif slot.dtype == "bf16" and not slot.per_tensor and slot.init != "param":
-                states[slot.name] = self._scratch(f"sr.{slot.name}", pack).copy_(pack.storage[slot.name])
+                # read into fp32 on first use; written back only if a technique touched it
+                states[slot.name] = (lambda name=slot.name: self._scratch(f"sr.{name}", pack).copy_(pack.storage[name]))
                 rounded.append(slot)
             else:
                 states[slot.name] = pack.storage[slot.name]
@@ -416,8 +417,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         for slot in quantized:
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
         for slot in rounded:  # bf16 state: every write unbiased (a plain bf16 EMA cannot follow falling values)
-            stochastic_round_(pack.storage[slot.name], states[slot.name], self._generator(pack.device),
-                              scratch=self._scratch("sr_bits", pack, torch.int32))
+            if slot.name in ctx.dirty:
+                stochastic_round_(pack.storage[slot.name], ctx.state(slot.name), self._generator(pack.device),
+                                  scratch=self._scratch("sr_bits", pack, torch.int32))
 
     def _screen_nonfinite(self, ctx: StepContext) -> None:
         """A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed (so the moments see no

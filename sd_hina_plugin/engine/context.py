@@ -49,13 +49,22 @@ class StepContext:
         #: 1.0 for tensors whose gradient is finite, 0.0 for those skipped this step (set by the engine)
         self.keep: torch.Tensor | None = None
         self._p32: torch.Tensor | None = None
+        #: bf16 slots changed this step (techniques call ``touch``)
+        self.dirty: set[str] = set()
 
     @property
     def buckets(self) -> list["Bucket"]:
         return self.pack.buckets
 
     def state(self, name: str) -> torch.Tensor:
-        return self._states[name]
+        value = self._states[name]
+        if callable(value):  # a bf16 slot, read into fp32 on first use (see HinaOptimizer._run)
+            value = self._states[name] = value()
+        return value
+
+    def touch(self, name: str) -> None:
+        """Mark a bf16 slot as changed this step: it is written back (stochastically rounded) after the step."""
+        self.dirty.add(name)
 
     def scratch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.opt._scratch(name, self.pack, dtype)

@@ -41,8 +41,8 @@ class Slot:
     name: str
     quantizable: bool = False
     signed: bool = True
-    #: storage dtype: "fp32", "param" (the parameter's), "bf16" (read as fp32 and written back with unbiased
-    #: stochastic rounding after each step), "int8" (small integers, used as stored)
+    #: storage dtype: "fp32", "param" (the parameter's), "bf16" (read as fp32 on first use and written back with
+    #: unbiased stochastic rounding when a technique called ``ctx.touch(name)``), "int8" (used as stored)
     dtype: str = "fp32"
     low_precision_only: bool = False
     #: one value per tensor instead of one per element (e.g. TAM's cosine EMA)

@@ -35,6 +35,7 @@ class FirstMoment(Technique):
 
     def run(self, ctx) -> None:
         ctx.state("exp_avg").lerp_(ctx.m_in, 1.0 - ctx.hp["betas"][0])
+        ctx.touch("exp_avg")
 
 
 class SecondMoment(Technique):
@@ -47,6 +48,7 @@ class SecondMoment(Technique):
     def run(self, ctx) -> None:
         b2 = ctx.hp["betas"][1]
         ctx.state("exp_avg_sq").mul_(b2).addcmul_(ctx.g, ctx.g, value=1.0 - b2)
+        ctx.touch("exp_avg_sq")
 
 
 class AdamNormalize(Technique):

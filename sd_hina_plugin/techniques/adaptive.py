@@ -205,6 +205,7 @@ class LrMask(Technique):
                     for b in ctx.pack.buckets:
                         b.rows(agree).sub_(down[b.first:b.first + b.count].unsqueeze(1))
                 mult.add_(agree).clamp_(ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
+                ctx.touch("lr_mask.mult")
             sign.copy_(current)
         ctx.u.mul_(mult)
 

@@ -32,6 +32,7 @@ class AdoptScale(Technique):
         v, g = ctx.state("exp_avg_sq"), ctx.g
         if ctx.step == 1:
             torch.mul(g, g, out=v)
+            ctx.touch("exp_avg_sq")
             ctx.done = True
             return
         x = ctx.scratch("adopt_x")

@@ -127,11 +127,10 @@ class AllLoraRowScale(Technique):
 
     def run(self, ctx) -> None:
         inv_eta2 = 1.0 / ctx.hp[self.eta.name] ** 2
+        weights = ctx.params32()  # gathered once per step, shared with other techniques
         for bucket in ctx.buckets:
-            weights = torch.stack(ctx.pack.bucket_params(bucket)).float()
-            rows = weights.view(bucket.count, *bucket.matrix(ctx.u).shape[1:])
-            scale = rows.pow(2).sum(-1, keepdim=True).add_(inv_eta2).rsqrt_()
-            bucket.matrix(ctx.u).mul_(scale)
+            norms = torch.linalg.vector_norm(bucket.matrix(weights), dim=-1, keepdim=True)
+            bucket.matrix(ctx.u).mul_(norms.square_().add_(inv_eta2).rsqrt_())
 
 
 _SIDES = {

@@ -58,6 +58,7 @@ class SinkgdFirstStep(Technique):
     def run(self, ctx) -> None:
         if ctx.step == 1:
             ctx.state("exp_avg").lerp_(ctx.g, 1.0 - ctx.hp["beta1"])
+            ctx.touch("exp_avg")
             ctx.state("lr_mask.sign").copy_(torch.sign(ctx.g))
             ctx.done = True
 
@@ -85,17 +86,18 @@ class SinkgdDirection(Technique):
                 n = bucket.numel
                 rows_u.mul_(math.sqrt(n) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + EPS))
         m.lerp_(g, 1.0 - ctx.hp["beta1"])
+        ctx.touch("exp_avg")
 
     @staticmethod
     def normalize(x: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
         """In place on the batch ``x`` (k, m, n); ``x2`` is scratch of the same shape."""
         k, rows, cols = x.shape
         torch.mul(x, x, out=x2)
-        c2 = torch.ones(k, cols, 1, device=x.device)
+        c = torch.ones(k, 1, cols, device=x.device)
         for _ in range(iterations):
-            r = math.sqrt(cols) / (torch.bmm(x2, c2).sqrt_() + EPS)                            # (k, m, 1)
+            # (k, 1, n) vectors passed transposed: bmm's fast path here (a contiguous (k, n, 1) is ~8x slower on CPU)
+            r = math.sqrt(cols) / (torch.bmm(x2, (c * c).transpose(1, 2)).sqrt_() + EPS)     # (k, m, 1)
             c = math.sqrt(rows) / (torch.bmm((r * r).transpose(1, 2), x2).sqrt_() + EPS)     # (k, 1, n)
-            c2 = (c * c).transpose(1, 2)
         x.mul_(r).mul_(c)
 
 
@@ -105,8 +107,7 @@ class VelocityRegularization(Technique):
     summary = "VRAdam: update scaled by 1 / (1 + min(3 sum(m^2), 10)) per tensor"
 
     def run(self, ctx) -> None:
-        m = ctx.state("exp_avg")
-        energy = ctx.tensor_dot(m, m)
+        energy = ctx.tensor_norm(ctx.state("exp_avg")).square_()
         ctx.tensor_scale_(ctx.u, 1.0 / (1.0 + (3.0 * energy).clamp_(max=10.0)))
 
 
