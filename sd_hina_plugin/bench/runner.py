@@ -1,0 +1,292 @@
+"""``sd-hina bench``: run optimizers on the built-in tasks, over seeds and a small lr sweep, and report.
+
+For each task, optimizer and lr (the task's Adam-scale base lr times each multiplier) and each seed: a fresh
+problem, ``steps`` optimizer steps, the held-out loss every ``eval_every`` steps, the median time of
+``optimizer.step()``, and the optimizer's state bytes per parameter. The best lr of each optimizer is the one
+with the lowest mean final held-out loss. The table reports:
+- final held-out loss (mean ± std over seeds) at that lr;
+- the number of steps until the mean held-out curve first reaches 90% of the improvement that the tuned
+  AdamW (its best lr) reaches by the end;
+- ms per step and state bytes per parameter.
+
+Outputs, under one results directory:
+- ``results.json`` (every run);
+- ``table.md``;
+- ``curves_<task>.png`` (mean and min-max band over seeds, best lr of each optimizer);
+- ``tb/<task>/<optimizer>/lr<lr>_seed<seed>`` TensorBoard logs, including each optimizer's ``stats()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import registry
+from ..config import _parse_text
+from ..diagnostics import state_bytes
+from .tasks import TASKS
+
+BASELINE = "torch.AdamW"
+
+
+@dataclass
+class Run:
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    heldout: list[float] = field(default_factory=list)
+    ms_per_step: float = math.nan
+    state_bytes_per_param: float = math.nan
+    diverged: bool = False
+
+
+def parse_optimizer(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = text.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = _parse_text(value)
+    return name.strip(), kwargs
+
+
+def available(text: str) -> tuple[bool, str]:
+    """Whether an optimizer spec can run on these fp32 tasks here (and why not)."""
+    name, _ = parse_optimizer(text)
+    if name == BASELINE:
+        return True, ""
+    if name == "bnb.AdamW8bit":
+        from ..numerics.quant8 import bnb_available
+
+        return bnb_available()
+    if name == "Prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            return False, "prodigyopt is not installed"
+        return True, ""
+    try:
+        spec = registry.resolve(name)
+    except ValueError as exc:
+        return False, str(exc)
+    if spec.cls.PARAM_DTYPES is not None and torch.float32 not in spec.cls.PARAM_DTYPES:
+        return False, f"{spec.name} takes bf16 parameters only; the tasks train in fp32"
+    return True, ""
+
+
+def build_optimizer(text: str, named: list, lr: float):
+    name, kwargs = parse_optimizer(text)
+    params = [p for _, p in named]
+    if name == BASELINE:
+        return torch.optim.AdamW(params, lr=lr, **kwargs)
+    if name == "bnb.AdamW8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, **kwargs)
+    if name == "Prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=lr, **kwargs)
+    return registry.create_optimizer(name, named, lr=lr, **kwargs)
+
+
+def run_one(task: str, text: str, lr: float, seed: int, steps: int, eval_every: int, tb_dir: Path | None) -> Run:
+    build = TASKS[task][0]
+    problem = build(seed)
+    torch.manual_seed(seed)
+    opt = build_optimizer(text, problem.named, lr)
+    run = Run(task, text, lr, seed, [0], [problem.heldout()])
+    writer = _writer(tb_dir)
+    times = []
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = problem.loss(i)
+        loss.backward()
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        if (i + 1) % eval_every == 0 or i + 1 == steps:
+            value = problem.heldout()
+            run.steps.append(i + 1)
+            run.heldout.append(value)
+            if writer is not None:
+                writer.add_scalar("heldout_loss", value, i + 1)
+                writer.add_scalar("train_loss", loss.item(), i + 1)
+                for key, stat in (opt.stats().items() if hasattr(opt, "stats") else ()):
+                    writer.add_scalar(key, stat, i + 1)
+            if not math.isfinite(value):
+                run.diverged = True
+                break
+    if writer is not None:
+        writer.close()
+    run.ms_per_step = statistics.median(times) * 1e3
+    numel = sum(p.numel() for _, p in problem.named)
+    run.state_bytes_per_param = state_bytes(opt) / numel
+    return run
+
+
+def _writer(tb_dir: Path | None):
+    if tb_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(tb_dir))
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="run", dynamic_ncols=True)
+    except ImportError:
+        class Plain:
+            done = 0
+
+            def update(self, n=1):
+                self.done += n
+                print(f"  {self.done}/{total} runs", flush=True)
+
+            def set_description(self, text):
+                pass
+
+            def close(self):
+                pass
+
+        return Plain()
+
+
+def bench(tasks: list[str], optimizers: list[str], steps: int, seeds: int, multipliers: list[float],
+          out_dir: Path, eval_every: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eval_every = eval_every or max(1, steps // 20)
+    if BASELINE not in optimizers:
+        optimizers = [BASELINE] + optimizers
+    skipped = {}
+    for text in list(optimizers):
+        ok, why = available(text)
+        if not ok:
+            skipped[text] = why
+            optimizers.remove(text)
+    runs: list[Run] = []
+    jobs = [(t, o, TASKS[t][1] * m, s) for t in tasks for o in optimizers for m in multipliers for s in range(seeds)]
+    bar = _progress(len(jobs))
+    for task, text, lr, seed in jobs:
+        bar.set_description(f"{task} {text} lr={lr:.2g} seed={seed}")
+        tb = out_dir / "tb" / task / _slug(text) / f"lr{lr:.3g}_seed{seed}"
+        runs.append(run_one(task, text, lr, seed, steps, eval_every, tb))
+        bar.update(1)
+    bar.close()
+    summary = summarize(runs, tasks, optimizers)
+    table = markdown(summary, steps, seeds, multipliers, skipped)
+    (out_dir / "table.md").write_text(table)
+    (out_dir / "results.json").write_text(json.dumps({"runs": [asdict(r) for r in runs], "summary": summary,
+                                                       "skipped": skipped}, indent=1))
+    plots = plot(runs, summary, out_dir)
+    log(table)
+    log(f"results in {out_dir}" + (f" (plots: {', '.join(p.name for p in plots)})" if plots else " (matplotlib not installed: no plots)"))
+    return {"summary": summary, "table": table, "skipped": skipped, "out_dir": str(out_dir)}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def _mean_curve(runs: list[Run]) -> tuple[list[int], list[float]]:
+    length = min(len(r.heldout) for r in runs)
+    return runs[0].steps[:length], [statistics.fmean(r.heldout[i] for r in runs) for i in range(length)]
+
+
+def summarize(runs: list[Run], tasks: list[str], optimizers: list[str]) -> dict[str, list[dict]]:
+    summary: dict[str, list[dict]] = {}
+    for task in tasks:
+        rows = []
+        best_runs: dict[str, list[Run]] = {}
+        for text in optimizers:
+            by_lr: dict[float, list[Run]] = {}
+            for r in runs:
+                if r.task == task and r.optimizer == text:
+                    by_lr.setdefault(r.lr, []).append(r)
+            if not by_lr:
+                continue
+            score = {lr: (statistics.fmean(r.heldout[-1] for r in rs) if not any(r.diverged for r in rs) else math.inf)
+                     for lr, rs in by_lr.items()}
+            best_lr = min(score, key=score.get)
+            best_runs[text] = by_lr[best_lr]
+            finals = [r.heldout[-1] for r in by_lr[best_lr]]
+            rows.append({"optimizer": text, "best_lr": best_lr, "final_mean": statistics.fmean(finals),
+                         "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+                         "ms_per_step": statistics.median(r.ms_per_step for r in by_lr[best_lr]),
+                         "state_bytes_per_param": by_lr[best_lr][0].state_bytes_per_param,
+                         "initial": statistics.fmean(r.heldout[0] for r in by_lr[best_lr]),
+                         "lr_sweep": {f"{lr:.3g}": s for lr, s in score.items()}})
+        if BASELINE in best_runs:
+            _, base_curve = _mean_curve(best_runs[BASELINE])
+            target = base_curve[0] - 0.9 * (base_curve[0] - base_curve[-1])
+            for row in rows:
+                steps_axis, curve = _mean_curve(best_runs[row["optimizer"]])
+                reached = [s for s, v in zip(steps_axis, curve) if v <= target]
+                row["steps_to_90"] = reached[0] if reached else None
+        summary[task] = rows
+    return summary
+
+
+def markdown(summary: dict[str, list[dict]], steps: int, seeds: int, multipliers: list[float], skipped: dict) -> str:
+    lines = [f"{steps} steps, {seeds} seed(s), lr = task base lr x {', '.join(f'{m:g}' for m in multipliers)}; "
+             f"best lr per optimizer by mean final held-out loss.", ""]
+    for task, rows in summary.items():
+        lines += [f"**{task}**: {TASKS[task][2]}", "",
+                  "| optimizer | best lr | final held-out loss | steps to 90% of tuned AdamW's gain | ms/step | state B/param |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in sorted(rows, key=lambda r: r["final_mean"]):
+            reached = row.get("steps_to_90")
+            lines.append(f"| {row['optimizer']} | {row['best_lr']:.3g} | {row['final_mean']:.4g} ± {row['final_std']:.2g} | "
+                         f"{reached if reached is not None else 'not reached'} | {row['ms_per_step']:.2f} | "
+                         f"{row['state_bytes_per_param']:.2f} |")
+        lines.append("")
+    for text, why in skipped.items():
+        lines.append(f"- skipped {text}: {why}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(runs: list[Run], summary: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for task, rows in summary.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for row in rows:
+            chosen = [r for r in runs if r.task == task and r.optimizer == row["optimizer"] and r.lr == row["best_lr"]]
+            length = min(len(r.heldout) for r in chosen)
+            steps_axis = chosen[0].steps[:length]
+            values = torch.tensor([r.heldout[:length] for r in chosen])
+            mean = values.mean(0)
+            line, = ax.plot(steps_axis, mean.tolist(), label=f"{row['optimizer']} (lr {row['best_lr']:.2g})")
+            if len(chosen) > 1:
+                ax.fill_between(steps_axis, values.min(0).values.tolist(), values.max(0).values.tolist(),
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{task}: held-out loss (mean, min-max over seeds)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"curves_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
