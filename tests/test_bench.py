@@ -1,0 +1,46 @@
+"""A tiny run of the built-in benchmark: outputs exist and parse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sd_hina_plugin import cli
+from sd_hina_plugin.bench.runner import BASELINE, parse_optimizer
+
+
+def test_tiny_bench_writes_table_json_plots_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = cli.main(["bench", "--task", "rosenbrock", "--task", "quadratic", "--optimizer", "HinaAdamWCore",
+                     "--optimizer", "HinaAdamWOptimizer:optim_bits=32", "--optimizer", "NoSuchOptimizer",
+                     "--steps", "12", "--seeds", "2", "--lr-multipliers", "0.5,1", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 * 3 * 2 * 2  # tasks x optimizers (+ AdamW baseline) x lrs x seeds
+    assert "NoSuchOptimizer" in results["skipped"]
+    for task in ("rosenbrock", "quadratic"):
+        rows = {row["optimizer"]: row for row in results["summary"][task]}
+        assert set(rows) == {BASELINE, "HinaAdamWCore", "HinaAdamWOptimizer:optim_bits=32"}
+        assert rows[BASELINE]["steps_to_90"] is not None
+        assert len(rows["HinaAdamWCore"]["lr_sweep"]) == 2
+        # HinaAdamWCore computes what torch.optim.AdamW computes
+        assert rows["HinaAdamWCore"]["final_mean"] == pytest.approx(rows[BASELINE]["final_mean"], rel=1e-4)
+    table = (out / "table.md").read_text()
+    assert "| HinaAdamWCore |" in table and "skipped NoSuchOptimizer" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "curves_rosenbrock.png").stat().st_size > 1000
+    pytest.importorskip("tensorboard")
+    assert list((out / "tb" / "quadratic").rglob("*tfevents*"))
+    assert "results in" in capsys.readouterr().out
+
+
+def test_optimizer_spec_parsing():
+    assert parse_optimizer("HinaAdamWOptimizer:optim_bits=32,use_spd=False") == (
+        "HinaAdamWOptimizer", {"optim_bits": 32, "use_spd": False})
+    assert parse_optimizer("torch.AdamW") == ("torch.AdamW", {})
+
+
+def test_unknown_task_is_rejected(capsys):
+    assert cli.main(["bench", "--task", "nope", "--quick"]) == 2
+    assert "available" in capsys.readouterr().err
