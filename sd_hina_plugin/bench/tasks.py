@@ -110,25 +110,36 @@ def _eps_loss(model, x0, gen):
     return F.mse_loss(model(xt, t.float()), noise)
 
 
-def unet_lora(seed: int, pretrain_steps: int = 150, batch: int = 32) -> Problem:
-    """LoRA (rank 4, conv and linear) on a small diffusion U-Net pretrained here on squares and discs, adapted
-    to striped rings with the epsilon-prediction loss."""
-    key = ("unet", seed, pretrain_steps)
+def _pretrained_frozen(key: tuple, make: Callable[[], nn.Module], seed: int, lr: float, steps: int,
+                       prepare: Callable[[torch.Generator], Callable[[nn.Module, int], torch.Tensor]]) -> nn.Module:
+    """A frozen copy of ``make()`` pretrained with AdamW for ``steps`` steps (weights cached per key).
+
+    ``prepare(gen)`` builds the pretraining data from the seeded generator and returns the batch loss."""
     if key not in _CACHE:
         torch.manual_seed(seed)
-        base = TinyUNet()
+        base = make()
         gen = torch.Generator().manual_seed(seed)
-        data = shapes(512, gen, "base")
-        opt = torch.optim.AdamW(base.parameters(), lr=2e-3)
-        for i in range(pretrain_steps):
+        batch_loss = prepare(gen)
+        opt = torch.optim.AdamW(base.parameters(), lr=lr)
+        for i in range(steps):
             opt.zero_grad()
-            _eps_loss(base, data[(i * batch) % 512:][:batch], gen).backward()
+            batch_loss(base, i).backward()
             opt.step()
         _CACHE[key] = base.state_dict()
     torch.manual_seed(seed + 1)
-    model = TinyUNet()
+    model = make()
     model.load_state_dict(_CACHE[key])
-    model.requires_grad_(False)
+    return model.requires_grad_(False)
+
+
+def unet_lora(seed: int, pretrain_steps: int = 150, batch: int = 32) -> Problem:
+    """LoRA (rank 4, conv and linear) on a small diffusion U-Net pretrained here on squares and discs, adapted
+    to striped rings with the epsilon-prediction loss."""
+    def prepare(gen):
+        data = shapes(512, gen, "base")
+        return lambda m, i: _eps_loss(m, data[(i * batch) % 512:][:batch], gen)
+
+    model = _pretrained_frozen(("unet", seed, pretrain_steps), TinyUNet, seed, 2e-3, pretrain_steps, prepare)
     for name in ("conv_in", "down", "mid", "conv_out"):
         setattr(model, name, LoRAConv(getattr(model, name), 4))
     model.time = LoRALinear(model.time, 4)
@@ -218,22 +229,10 @@ def _lm_loss(model, tokens, starts, context=32):
 def lm_lokr(seed: int, pretrain_steps: int = 150, batch: int = 32) -> Problem:
     """LoKr on the feed-forward layers of a small causal transformer pretrained here on one set of stdlib
     docstrings, adapted to another set (character-level cross-entropy)."""
-    key = ("lm", seed, pretrain_steps)
     base_tokens, new_tokens = encode(corpus("base")), encode(corpus("shifted"))
-    if key not in _CACHE:
-        torch.manual_seed(seed)
-        base = TinyLM()
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
-        for _ in range(pretrain_steps):
-            opt.zero_grad()
-            _lm_loss(base, base_tokens, torch.randint(0, len(base_tokens) - 40, (batch,), generator=gen)).backward()
-            opt.step()
-        _CACHE[key] = base.state_dict()
-    torch.manual_seed(seed + 1)
-    model = TinyLM()
-    model.load_state_dict(_CACHE[key])
-    model.requires_grad_(False)
+    model = _pretrained_frozen(
+        ("lm", seed, pretrain_steps), TinyLM, seed, 3e-3, pretrain_steps,
+        lambda gen: lambda m, i: _lm_loss(m, base_tokens, torch.randint(0, len(base_tokens) - 40, (batch,), generator=gen)))
     for block in model.blocks:
         block.linear1 = LoKrLinear(block.linear1)
         block.linear2 = LoKrLinear(block.linear2)
