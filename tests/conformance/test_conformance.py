@@ -79,12 +79,12 @@ def test_complex_and_wrong_dtype_params_rejected(variant):
 
 # -- training -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def _require_dtype(name: str, dtype: torch.dtype) -> None:
     if param_dtype(name, dtype) != dtype:
         pytest.skip(f"{name} does not accept {dtype} parameters (tested in its own dtype)")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_loss_decreases(variant, dtype):
     name, kwargs, lr = variant
     _require_dtype(name, dtype)
