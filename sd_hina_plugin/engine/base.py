@@ -130,7 +130,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
             if not p.is_floating_point():
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} has dtype {p.dtype}; only floating-point parameters can be optimized")
-        self._packs = None
+        if getattr(self, "_packs", None) is not None:  # added after state exists: plan only this group, keep the rest
+            self._discover_names()
+            self._packs.append(self._plan_group(index))
 
     def _check_setup(self) -> None:
         """Reject parameter/argument combinations that cannot work (subclasses may add checks)."""
@@ -295,13 +297,15 @@ class HinaOptimizer(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         self._report_missing_names()
-        self._packs = []
-        for gi, group in enumerate(self.param_groups):
-            packs = plan_packs(gi, group["params"], self._quantize_param(group), self._pack_tag(group))
-            for pack in packs:
-                self._allocate(pack, group)
-            self._packs.append(packs)
+        self._packs = [self._plan_group(gi) for gi in range(len(self.param_groups))]
         self._on_state_init()
+
+    def _plan_group(self, gi: int) -> list[Pack]:
+        group = self.param_groups[gi]
+        packs = plan_packs(gi, group["params"], self._quantize_param(group), self._pack_tag(group))
+        for pack in packs:
+            self._allocate(pack, group)
+        return packs
 
     def _on_state_init(self) -> None:
         """Hook for subclasses that derive extra state once the layout exists."""

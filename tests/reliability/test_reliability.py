@@ -196,3 +196,22 @@ def test_fsdp2_dtensor_parameters_are_rejected_clearly(tmp_path):
             HinaAdamWCore(model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_add_param_group_after_steps_keeps_existing_state(spec):
+    dtype = param_dtype(spec.name)
+    a = torch.nn.Parameter(torch.randn(8, 8, dtype=dtype))
+    b = torch.nn.Parameter(torch.randn(8, 8, dtype=dtype))
+    opt = spec.cls([a], lr=1e-3)
+    for _ in range(3):
+        a.grad = torch.randn_like(a)
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[a].items() if isinstance(v, torch.Tensor)}
+    opt.add_param_group({"params": [b], "lr": 1e-3})
+    assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
+    start = b.detach().clone()
+    for _ in range(3):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+    assert not torch.equal(b, start) and opt.param_groups[1]["step"] == 3
