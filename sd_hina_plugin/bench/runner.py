@@ -74,12 +74,20 @@ def available(text: str) -> tuple[bool, str]:
             return False, "prodigyopt is not installed"
         return True, ""
     try:
-        spec = registry.resolve(name)
+        registry.resolve(name)
     except ValueError as exc:
         return False, str(exc)
-    if spec.cls.PARAM_DTYPES is not None and torch.float32 not in spec.cls.PARAM_DTYPES:
-        return False, f"{spec.name} takes bf16 parameters only; the tasks train in fp32"
     return True, ""
+
+
+def weight_dtype(text: str) -> torch.dtype:
+    """fp32, or the first dtype a dtype-restricted optimizer accepts (AdamWBF16_HinaAdaptive: bf16)."""
+    name, _ = parse_optimizer(text)
+    try:
+        allowed = registry.resolve(name).cls.PARAM_DTYPES
+    except ValueError:
+        return torch.float32
+    return torch.float32 if allowed is None or torch.float32 in allowed else allowed[0]
 
 
 def build_optimizer(text: str, named: list, lr: float):
@@ -101,6 +109,8 @@ def build_optimizer(text: str, named: list, lr: float):
 def run_one(task: str, text: str, lr: float, seed: int, steps: int, eval_every: int, tb_dir: Path | None) -> Run:
     build = TASKS[task][0]
     problem = build(seed)
+    if weight_dtype(text) != torch.float32:
+        problem.cast(weight_dtype(text))
     torch.manual_seed(seed)
     opt = build_optimizer(text, problem.named, lr)
     run = Run(task, text, lr, seed, [0], [problem.heldout()])
@@ -249,7 +259,8 @@ def markdown(summary: dict[str, list[dict]], steps: int, seeds: int, multipliers
                   "|---|---:|---:|---:|---:|---:|"]
         for row in sorted(rows, key=lambda r: r["final_mean"]):
             reached = row.get("steps_to_90")
-            lines.append(f"| {row['optimizer']} | {row['best_lr']:.3g} | {row['final_mean']:.4g} ± {row['final_std']:.2g} | "
+            label = row["optimizer"] + (" (bf16 weights)" if weight_dtype(row["optimizer"]) != torch.float32 else "")
+            lines.append(f"| {label} | {row['best_lr']:.3g} | {row['final_mean']:.4g} ± {row['final_std']:.2g} | "
                          f"{reached if reached is not None else 'not reached'} | {row['ms_per_step']:.2f} | "
                          f"{row['state_bytes_per_param']:.2f} |")
         lines.append("")

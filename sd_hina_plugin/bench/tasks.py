@@ -23,6 +23,16 @@ class Problem:
     named: list[tuple[str, nn.Parameter]]
     loss: Callable[[int], torch.Tensor]
     heldout: Callable[[], float]
+    #: every parameter of the problem (frozen base included), for casting to bf16
+    modules: tuple[nn.Module, ...] = ()
+
+    def cast(self, dtype: torch.dtype) -> "Problem":
+        """All weights to ``dtype`` (for optimizers that take bf16 weights only); losses stay fp32."""
+        for module in self.modules:
+            module.to(dtype)
+        for _, p in self.named:
+            p.data = p.data.to(dtype)
+        return self
 
 
 # -- images for the diffusion task ---------------------------------------------------------------------------
@@ -87,8 +97,10 @@ class TinyUNet(nn.Module):
         self.conv_out = nn.Conv2d(2 * width, 1, 3, padding=1)
 
     def forward(self, x, t):
+        dtype = next(self.parameters()).dtype
+        x = x.to(dtype)
         freqs = torch.exp(torch.arange(8, device=x.device) * (-math.log(1000.0) / 8))
-        emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], 1)
+        emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], 1).to(dtype)
         h = F.silu(self.conv_in(x) + self.time(emb)[:, :, None, None])
         d = F.silu(self.down(h))
         d = F.silu(self.mid(d))
@@ -107,7 +119,7 @@ def _eps_loss(model, x0, gen):
     noise = torch.randn(x0.shape, generator=gen)
     ab = _ALPHA_BAR[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    return F.mse_loss(model(xt, t.float()), noise)
+    return F.mse_loss(model(xt, t.float()).float(), noise)
 
 
 def _pretrained_frozen(key: tuple, make: Callable[[], nn.Module], seed: int, lr: float, steps: int,
@@ -156,7 +168,7 @@ def unet_lora(seed: int, pretrain_steps: int = 150, batch: int = 32) -> Problem:
         with torch.no_grad():
             return _eps_loss(model, test, torch.Generator().manual_seed(test_gen_seed)).item()
 
-    return Problem(named, loss, heldout)
+    return Problem(named, loss, heldout, (model,))
 
 
 # -- text for the language-model task ------------------------------------------------------------------------
@@ -222,7 +234,7 @@ class TinyLM(nn.Module):
 
 def _lm_loss(model, tokens, starts, context=32):
     idx = torch.stack([tokens[s:s + context + 1] for s in starts.tolist()])
-    logits = model(idx[:, :-1])
+    logits = model(idx[:, :-1]).float()
     return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
 
 
@@ -250,7 +262,7 @@ def lm_lokr(seed: int, pretrain_steps: int = 150, batch: int = 32) -> Problem:
         with torch.no_grad():
             return _lm_loss(model, test_tokens, test_starts).item()
 
-    return Problem(named, loss, heldout)
+    return Problem(named, loss, heldout, (model,))
 
 
 # -- classic problems ----------------------------------------------------------------------------------------
@@ -261,7 +273,8 @@ def rosenbrock(seed: int) -> Problem:
     p = nn.Parameter(torch.tensor([-1.5, 2.0]) + 0.05 * torch.randn(2, generator=gen))
 
     def value() -> torch.Tensor:
-        return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+        x = p.float()
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
     return Problem([("x", p)], lambda i: value(), lambda: value().item())
 
@@ -275,9 +288,10 @@ def quadratic(seed: int, dim: int = 64, condition: float = 1e3) -> Problem:
     noise = torch.Generator().manual_seed(seed + 1)
 
     def loss(i: int) -> torch.Tensor:
-        return 0.5 * p @ h @ p + 1e-3 * (torch.randn(dim, generator=noise) @ p)
+        x = p.float()
+        return 0.5 * x @ h @ x + 1e-3 * (torch.randn(dim, generator=noise) @ x)
 
-    return Problem([("x", p)], loss, lambda: (0.5 * p @ h @ p).item())
+    return Problem([("x", p)], loss, lambda: (0.5 * p.float() @ h @ p.float()).item())
 
 
 #: name -> (builder, Adam-scale base lr of the sweep, description)

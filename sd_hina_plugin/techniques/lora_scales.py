@@ -157,7 +157,7 @@ def side_norms(modules: list[dict[Role, torch.Tensor]], full: Role | None, a: Ro
     tucker_idx = [i for i, m in enumerate(modules) if i not in full_idx and core in m]
     prod_idx = [i for i in range(len(modules)) if i not in full_idx and i not in tucker_idx]
     if full_idx:
-        out[full_idx] = torch.stack(torch._foreach_norm([modules[i][full] for i in full_idx]))
+        out[full_idx] = torch.stack(torch._foreach_norm([modules[i][full] for i in full_idx])).float()
     if prod_idx:
         out[prod_idx] = product_fro_norms([modules[i][a] for i in prod_idx], [modules[i][b] for i in prod_idx])
     for i in tucker_idx:  # rare (conv modules with use_tucker); small dense kernels

@@ -121,12 +121,14 @@ def test_factored_norms_equal_dense(out, r, cols, k):
     torch.testing.assert_close(product_fro_norms(bs, as_), torch.stack([d.norm() for d in dense]), rtol=1e-4, atol=1e-5)
 
 
-def test_lokr_stats_equal_kronecker_product_norms():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lokr_stats_equal_kronecker_product_norms(dtype):
     lycoris = pytest.importorskip("lycoris")
     from adapter_networks import base_module
 
     net = lycoris.create_lycoris(base_module(), 1.0, 4, 1, algo="lokr", factor=8)
     net.apply_to()
+    net.to(dtype)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     with torch.no_grad():
         for _, p in named:
@@ -140,10 +142,10 @@ def test_lokr_stats_equal_kronecker_product_norms():
         w2 = params.get(f"{module}.lokr_w2")
         if w2 is None:
             w2 = params[f"{module}.lokr_w2_a"] @ params[f"{module}.lokr_w2_b"]
-        kron = torch.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1))  # dense, test only
+        kron = torch.kron(w1.float().reshape(w1.shape[0], -1), w2.float().reshape(w2.shape[0], -1))  # dense, test only
         krons.append(kron.norm().item())
-        assert stats[f"hina/lokr/{module}/kron_norm"] == pytest.approx(krons[-1], rel=1e-4)
-    assert stats["hina/lokr/kron_norm_mean"] == pytest.approx(sum(krons) / len(krons), rel=1e-4)
+        assert stats[f"hina/lokr/{module}/kron_norm"] == pytest.approx(krons[-1], rel=1e-4 if dtype == torch.float32 else 2e-2)
+    assert stats["hina/lokr/kron_norm_mean"] == pytest.approx(sum(krons) / len(krons), rel=1e-4 if dtype == torch.float32 else 2e-2)
     assert "hina/lokr/kron_norm_mean" in opt.stats()
 
 
