@@ -230,9 +230,6 @@ class ConfigBase:
             out.append(f"{name}={spec.to_text(value)}")
         return out
 
-    def replace(self, **changes: Any) -> "ConfigBase":
-        self.check_names(changes)
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 def make_config(owner: str, fields: Iterable[Field], class_name: str | None = None) -> type[ConfigBase]:

@@ -298,7 +298,6 @@ class HinaOptimizer(torch.optim.Optimizer):
     def _init_state(self) -> None:
         self._report_missing_names()
         self._packs = [self._plan_group(gi) for gi in range(len(self.param_groups))]
-        self._on_state_init()
 
     def _plan_group(self, gi: int) -> list[Pack]:
         group = self.param_groups[gi]
@@ -306,9 +305,6 @@ class HinaOptimizer(torch.optim.Optimizer):
         for pack in packs:
             self._allocate(pack, group)
         return packs
-
-    def _on_state_init(self) -> None:
-        """Hook for subclasses that derive extra state once the layout exists."""
 
     def packs(self) -> list[Pack]:
         """Every pack of every group (state must exist: call after the first step or ``_init_state``)."""

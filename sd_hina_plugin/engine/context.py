@@ -141,10 +141,6 @@ class StepContext:
             return self.tensor_scale_(x, decay)
         return x.mul_(decay) if decay != 1.0 else x
 
-    def stat(self, name: str, value: torch.Tensor | float) -> None:
-        """Record a logged scalar (kept on device; read only by ``optimizer.stats()``)."""
-        self.opt._stats[name] = value.detach() if isinstance(value, torch.Tensor) else value
-
     # -- the one place parameters are written -----------------------------------------------------------
     def write_params(self, direction: torch.Tensor | None, alpha: float) -> None:
         """``p <- p * decay + alpha * direction`` for every parameter of the pack, or ``p <- new_params``

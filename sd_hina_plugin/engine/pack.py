@@ -98,10 +98,6 @@ class Pack:
     def low_precision(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
-
     def views(self, flat: torch.Tensor, shaped: bool = True) -> list[torch.Tensor]:
         """Per-parameter views of a flat buffer of this pack's layout (cached: no ops after the first call)."""
         key = (flat.data_ptr(), flat.dtype, flat.numel(), shaped)
@@ -127,9 +123,6 @@ class Pack:
             views = [flat[i:i + 1] for i in range(len(self.params))]
             self._views[key] = views
         return views
-
-    def bucket_params(self, bucket: Bucket) -> list[torch.nn.Parameter]:
-        return self.params[bucket.first:bucket.first + bucket.count]
 
     def block_views(self, absmax: torch.Tensor) -> list[torch.Tensor]:
         key = (absmax.data_ptr(), absmax.dtype, absmax.numel(), "blocks")

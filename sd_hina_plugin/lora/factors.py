@@ -7,8 +7,8 @@ For a LoRA pair ``ΔW = B A`` (B: out x r, A: r x in; conv kernels viewed as mat
 
 For a Kronecker product ``ΔW = w1 ⊗ w2``: ``||w1 ⊗ w2||_F = ||w1||_F ||w2||_F``.
 
-Every function works on lists of tensors and groups them by shape, so the number of ops depends on the
-number of distinct shapes, not on the number of modules.
+``batched_row_norms`` works on a same-shape batch and ``product_fro_norms`` groups a list by shape, so the
+number of ops depends on the number of distinct shapes, not on the number of modules.
 """
 
 from __future__ import annotations
@@ -50,16 +50,6 @@ def batched_row_norms(b: torch.Tensor, a: torch.Tensor, buffers: dict | None = N
             bg = buffers["bg"] = torch.empty_like(b)
         torch.bmm(b, gram, out=bg)
     return bg.mul_(b).sum(-1).clamp_min_(0).sqrt_()
-
-
-def product_row_norms(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Row norms of each ``B @ A`` (one ``(out,)`` tensor per pair, in input order)."""
-    out: list[torch.Tensor | None] = [None] * len(bs)
-    for _, idx in _by_shapes(bs, as_).items():
-        rows = batched_row_norms(as_matrices([bs[i] for i in idx]), as_matrices([as_[i] for i in idx]))
-        for i, r in zip(idx, rows.unbind(0)):
-            out[i] = r
-    return out  # type: ignore[return-value]
 
 
 def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:

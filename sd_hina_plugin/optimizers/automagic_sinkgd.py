@@ -25,7 +25,6 @@ from __future__ import annotations
 from ..config import Field
 from ..engine.base import HinaOptimizer
 from ..registry import register
-from ..techniques.adaptive import LR_BUMP, MAX_LR, MIN_LR, WARMUP
 from ..techniques.apply import WriteParams
 from ..techniques.lora_scales import AllLoraRowScale
 from ..techniques.orthograd import OrthoGrad

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sd_hina_plugin.engine.pack import Pack, plan_packs
+from sd_hina_plugin.engine.pack import plan_packs
 
 
 def test_buckets_view_same_shape_params_without_copy():
