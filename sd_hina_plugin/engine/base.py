@@ -299,6 +299,22 @@ class HinaOptimizer(torch.optim.Optimizer):
         self._report_missing_names()
         self._packs = [self._plan_group(gi) for gi in range(len(self.param_groups))]
 
+    def _replan_group(self, gi: int) -> None:
+        """Plan a group again for its current trainable parameters, keeping the state of those already
+        planned (new ones start fresh, as in torch.optim)."""
+        kept = {id(p): {k: v.clone() for k, v in self.state[p].items()}
+                for pack in self._packs[gi] for p in pack.params}
+        for pack in self._packs[gi]:
+            for p in pack.params:
+                self.state.pop(p, None)
+        self._discover_names()
+        self._packs[gi] = self._plan_group(gi)
+        for pack in self._packs[gi]:
+            for p in pack.params:
+                for key, value in kept.get(id(p), {}).items():
+                    if key in self.state[p]:
+                        self.state[p][key].copy_(value)
+
     def _plan_group(self, gi: int) -> list[Pack]:
         group = self.param_groups[gi]
         packs = plan_packs(gi, group["params"], self._quantize_param(group), self._pack_tag(group))
@@ -346,6 +362,10 @@ class HinaOptimizer(torch.optim.Optimizer):
         if self._packs is None:
             self._init_state()
         assert self._packs is not None
+        for gi, (group, packs) in enumerate(zip(self.param_groups, self._packs)):
+            planned = sum(len(pack.params) for pack in packs)
+            if planned != sum(1 for p in group["params"] if p.requires_grad and p.numel()):
+                self._replan_group(gi)  # requires_grad changed since the packs were planned
         self.step_cache.clear()
         stepping = [g for g, packs in zip(self.param_groups, self._packs)
                     if any(p.grad is not None for pack in packs for p in pack.params)]
