@@ -19,12 +19,12 @@ What the base guarantees for every optimizer:
   the parameter dtype), a state dict saved on CUDA loads on CPU, and a state dict from another optimizer
   or with missing keys is rejected with a message saying what differs.
 * ``stats()`` is the only method that reads device values; ``get_optimization_info()`` describes the setup.
+  Both live in ``engine/report.py``, away from the step.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -38,6 +38,7 @@ from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs
+from .report import Reporting
 from .technique import STAGES, Slot, Technique
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
         raise ValueError(f"{name}: exactly one technique must write the parameters, found {writers}")
 
 
-class HinaOptimizer(torch.optim.Optimizer):
+class HinaOptimizer(Reporting, torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
     Config: ClassVar[type[ConfigBase]]
@@ -211,30 +212,6 @@ class HinaOptimizer(torch.optim.Optimizer):
         merged = {**discovery.names_from_groups(self.param_groups), **names}
         self._set_layout(merged, "attach_names" if covered == len(wanted) else "attach_names (partial)")
         return self
-
-    def diagnose_lora_pairing(self) -> dict[str, Any]:
-        """Per-group role counts, complete modules, unpaired names with shapes, the role of every parameter."""
-        return self._lora.diagnose(self.param_groups)
-
-    def lokr_stats(self, per_module: bool = False) -> dict[str, float]:
-        """Norms of LoKr factors and of their Kronecker products (||w1 ⊗ w2|| = ||w1|| ||w2||). Syncs."""
-        from ..techniques.lora_scales import _SIDES, side_norms
-
-        modules = self._lora.complete("lokr")
-        if not modules:
-            return {}
-        members = [self._lora.members(m) for m in modules]
-        with torch.no_grad():
-            w1, w2 = (side_norms(members, *side) for side in _SIDES["lokr"])
-            kron = w1 * w2
-        out = {}
-        for label, values in (("w1_norm", w1), ("w2_norm", w2), ("kron_norm", kron)):
-            out[f"hina/lokr/{label}_mean"] = values.mean().item()
-            out[f"hina/lokr/{label}_max"] = values.max().item()
-        if per_module:
-            for m, a, b, k in zip(modules, w1.tolist(), w2.tolist(), kron.tolist()):
-                out.update({f"hina/lokr/{m.key}/w1_norm": a, f"hina/lokr/{m.key}/w2_norm": b, f"hina/lokr/{m.key}/kron_norm": k})
-        return out
 
     def techniques(self, group: dict[str, Any]) -> list[Technique]:
         return [t for t in self.TECHNIQUES if t.enabled(group)]
@@ -519,73 +496,3 @@ class HinaOptimizer(torch.optim.Optimizer):
                 self._generator(torch.device(dev)).set_state(rng.cpu())
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    # -- reporting ----------------------------------------------------------------------------------------
-    def group_name(self, index: int) -> str:
-        return str(self.param_groups[index].get("hina_desc") or f"group{index}")
-
-    def stats(self) -> dict[str, float]:
-        """Flat ``hina/...`` scalars for TensorBoard. The only method that reads device values."""
-        out: dict[str, float] = {}
-        for i, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            out[f"hina/lr/{self.group_name(i)}"] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-        for key, value in self._stats.items():
-            out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        out.update(self.lokr_stats())
-        return out
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state (distinct storages of every state tensor)."""
-        seen: dict[int, int] = {}
-        for state in self.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    storage = value.untyped_storage()
-                    seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
-
-    def get_optimization_info(self) -> dict[str, Any]:
-        groups = []
-        for i, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.requires_grad]
-            groups.append({
-                "name": self.group_name(i),
-                "params": len(params),
-                "numel": sum(p.numel() for p in params),
-                "lr": float(group["lr"]) if not isinstance(group["lr"], torch.Tensor) else group["lr"].item(),
-                "step": group["step"],
-                "techniques": [t.name for t in self.techniques(group)],
-            })
-        numel = sum(g["numel"] for g in groups)
-        return {
-            "optimizer": self.NAME,
-            "config": self.config.as_dict(),
-            "techniques": {t.name: t.summary for t in self.TECHNIQUES},
-            "param_groups": groups,
-            "total_params": numel,
-            "state_bytes": self.state_bytes(),
-            "state_bytes_per_param": self.state_bytes() / numel if numel else math.nan,
-            "scratch_bytes": self._pool.nbytes(),
-            "packs": [len(p) for p in self._packs] if self._packs is not None else None,
-            "lora": self._lora_info(),
-            "notes": self.notes(),
-        }
-
-    def _lora_info(self) -> dict[str, Any]:
-        diag = self._lora.diagnose(self.param_groups)
-        roles: dict[str, int] = {}
-        for entry in diag["parameters"]:
-            roles[entry["role"]] = roles.get(entry["role"], 0) + 1
-        info = {"names_source": diag["names_source"], "roles": roles, "modules": diag["modules"],
-                "unpaired": len(diag["unpaired"]), "split_across_groups": len(diag["split_across_groups"]),
-                "role_techniques": {}}
-        for tech in self.TECHNIQUES:
-            if tech.uses_roles:
-                active = any(tech.enabled(g) for g in self.param_groups)
-                note = "on" if active else "off"
-                applies = getattr(tech, "applies", None)
-                if active and applies is not None and not applies(self):
-                    note = "off: LoRA pairs are split across param groups (kohya loraplus_lr_ratio already sets their lrs)"
-                info["role_techniques"][tech.name] = note
-        return info
