@@ -93,6 +93,8 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         self._generators: dict[str, torch.Generator] = {}
         #: per-step results of techniques' ``prepare`` (transient, rebuilt every step)
         self.step_cache: dict[str, Any] = {}
+        #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
+        self.mask_means: dict[int, tuple[int, torch.Tensor, int]] = {}
         super().__init__(params, self.config.as_dict())
         self._check_setup()
         self._discover_names()

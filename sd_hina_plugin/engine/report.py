@@ -48,6 +48,14 @@ class Reporting:
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
             out[f"hina/lr/{self.group_name(i)}"] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        weighted: dict[int, list[float]] = {}
+        for gi, mean, count in self.mask_means.values():
+            acc = weighted.setdefault(gi, [0.0, 0])
+            acc[0] += float(mean.item()) * count
+            acc[1] += count
+        for gi, (total, count) in weighted.items():
+            lr = self.param_groups[gi]["lr"]
+            out[f"hina/avg_lr/{self.group_name(gi)}"] = float(lr) * total / count
         for key, value in self._stats.items():
             out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
         out.update(self.lokr_stats())

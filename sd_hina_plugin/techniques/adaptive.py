@@ -207,6 +207,10 @@ class LrMask(Technique):
                 mult.add_(agree).clamp_(ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
                 ctx.touch("lr_mask.mult")
             sign.copy_(current)
+        if ctx.step <= ctx.hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
+            # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
+            real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
+            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, ctx.tensor_sum(mult).sum() / real, real)
         ctx.u.mul_(mult)
 
     def bumps(self, ctx, bump: float) -> tuple[Any, Any]:

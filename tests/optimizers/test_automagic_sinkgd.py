@@ -168,3 +168,19 @@ def test_full_finetune_prodigy_condition_uses_the_initial_weights():
     opt.step()
     anchor = opt.state[p]["sinkgd.anchor"]
     assert anchor.dtype == torch.bfloat16 and torch.equal(anchor, p.detach().to(torch.bfloat16))
+
+
+def test_avg_lr_stat_is_group_lr_times_mean_mask():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(5))]
+    opt = Automagic_Sinkgd(params, lr=1e-3, warmup_steps=4, lr_bump=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 if s >= 6 else 1.0)
+    for _ in range(8):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    masks = torch.cat([opt.state[p]["lr_mask.mult"].float().flatten() for p in params])
+    expected = opt.param_groups[0]["lr"] * masks.mean().item()
+    assert opt.stats()["hina/avg_lr/group0"] == pytest.approx(expected, rel=1e-3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)  # the scheduler's lr is part of it
