@@ -162,9 +162,12 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return lambda p: wants and p.numel() >= threshold
 
     # -- names and LoRA roles -------------------------------------------------------------------------------
+    def _trainable_ids(self) -> set[int]:
+        return {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+
     def _discover_names(self) -> None:
         names, source = discovery.names_from_groups(self.param_groups), "param_names"
-        wanted = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+        wanted = self._trainable_ids()
         if not wanted <= names.keys():
             found = discovery.names_from_kohya_frame(p for g in self.param_groups for p in g["params"])
             source = "kohya frame"
@@ -207,7 +210,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
         names = {id(p): n for n, p in named_parameters}
-        wanted = {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+        wanted = self._trainable_ids()
         covered = len(wanted & names.keys())
         if not covered:
             raise ValueError(f"{self.NAME}.attach_names: none of the given names belongs to a parameter of this optimizer")
@@ -240,14 +243,13 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     @staticmethod
     def _buffer(pack: Pack, slot: Slot, key: str, kind: str) -> torch.Tensor:
-        if kind == "blocks":
-            return torch.zeros(pack.total // quant8.BLOCK, dtype=torch.float32, device=pack.device)
-        if kind == "tensor":
-            return torch.zeros(len(pack.params), dtype=torch.float32, device=pack.device)
-        if key.endswith(".q"):
-            return torch.zeros(pack.total, dtype=torch.uint8, device=pack.device)
-        dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8}[slot.dtype]
-        return torch.zeros(pack.total, dtype=dtype, device=pack.device)
+        if kind in ("blocks", "tensor"):
+            dtype = torch.float32
+        elif key.endswith(".q"):
+            dtype = torch.uint8
+        else:
+            dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8}[slot.dtype]
+        return torch.zeros(pack.buffer_size(kind), dtype=dtype, device=pack.device)
 
     def _allocate(self, pack: Pack, group: dict[str, Any]) -> None:
         pack.storage.clear()
@@ -312,6 +314,15 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             return [], None
         return packs, torch.cat([pack.storage[key] for pack in packs])
 
+    @staticmethod
+    def per_tensor_slices(packs: list[Pack], vector: torch.Tensor) -> list[tuple[Pack, torch.Tensor]]:
+        """Split a vector laid out as :meth:`per_tensor` concatenates it back into its packs' parts."""
+        out, offset = [], 0
+        for pack in packs:
+            out.append((pack, vector[offset:offset + len(pack.params)]))
+            offset += len(pack.params)
+        return out
+
     def _scratch(self, name: str, pack: Pack, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buf = self._pool.get(name, pack.total, dtype, pack.device)
         if self._pool.generation != self._pool_generation and self._packs is not None:
@@ -346,14 +357,12 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             if planned != sum(1 for p in group["params"] if p.requires_grad and p.numel()):
                 self._replan_group(gi)  # requires_grad changed since the packs were planned
         self.step_cache.clear()
-        stepping = [g for g, packs in zip(self.param_groups, self._packs)
+        stepping = [(group, packs) for group, packs in zip(self.param_groups, self._packs)
                     if any(p.grad is not None for pack in packs for p in pack.params)]
         for tech in self.TECHNIQUES:
-            if any(tech.enabled(g) for g in stepping):
+            if any(tech.enabled(group) for group, _ in stepping):
                 tech.prepare(self)
-        for group, packs in zip(self.param_groups, self._packs):
-            if not any(p.grad is not None for pack in packs for p in pack.params):
-                continue
+        for group, packs in stepping:
             group["step"] += 1
             for pack in packs:
                 self._step_pack(pack, group)
@@ -376,8 +385,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                    [p for p, ok in zip(pack.params, present) if ok], tags=pack.tags)
         for key, buf in pack.storage.items():
             kind = pack.kinds[key]
-            size = {"blocks": sub.total // quant8.BLOCK, "tensor": len(sub.params)}.get(kind, sub.total)
-            sub.storage[key] = torch.zeros(size, dtype=buf.dtype, device=buf.device)
+            sub.storage[key] = torch.zeros(sub.buffer_size(kind), dtype=buf.dtype, device=buf.device)
             sub.kinds[key] = kind
             torch._foreach_copy_(sub.key_views(key, sub.storage[key]), [self.state[p][key] for p in sub.params])
         self._run(sub, group, [g for g in grads if g is not None])
@@ -423,8 +431,8 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     def _screen_nonfinite(self, ctx: StepContext) -> None:
         """A tensor whose gradient holds NaN/Inf is skipped: its gradient is zeroed (so the moments see no
         signal this step and never hold NaN), its update and weight decay are masked, and it is counted in
-        ``hina/nonfinite_skipped``. One read (per-tensor sums: a sum is finite iff every element is) and one
-        masked fill per step, no sync."""
+        ``hina/nonfinite_skipped``. Per step: one read (per-tensor sums: a sum is finite iff every element
+        is), a nan_to_num and a multiply by the keep mask; no sync."""
         finite = torch.isfinite(ctx.tensor_sum(ctx.g))
         ctx.keep = finite.to(torch.float32)
         torch.nan_to_num_(ctx.g, nan=0.0, posinf=0.0, neginf=0.0)  # NaN * 0 would stay NaN

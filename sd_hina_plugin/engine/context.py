@@ -70,20 +70,22 @@ class StepContext:
         return self.opt._scratch(name, self.pack, dtype)
 
     # -- per-tensor arithmetic on flat buffers (ops grow with the number of shapes, not of tensors) ------
+    def _per_tensor(self, reduce) -> torch.Tensor:
+        """``reduce(bucket)`` -> one value per tensor of the bucket; concatenated in pack order."""
+        parts = [reduce(b) for b in self.pack.buckets]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""
-        parts = [b.rows(x).sum(1) for b in self.pack.buckets]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._per_tensor(lambda b: b.rows(x).sum(1))
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
         tmp = self.scratch("tensor_dot")  # product into a reused buffer, then a row sum (faster than vecdot/bmm)
-        parts = [torch.mul(b.rows(x), b.rows(y), out=b.rows(tmp)).sum(1) for b in self.pack.buckets]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._per_tensor(lambda b: torch.mul(b.rows(x), b.rows(y), out=b.rows(tmp)).sum(1))
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(b.rows(x), dim=1) for b in self.pack.buckets]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1))
 
     def tensor_scale_(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Multiply each tensor's elements of flat ``x`` by its entry of ``scale`` (n_params,), in place."""
@@ -119,24 +121,20 @@ class StepContext:
         """``self.decay`` as applied: a float, or a per-tensor vector in which skipped tensors (non-finite
         gradient) keep 1.0."""
         decay = self.decay
-        if isinstance(decay, torch.Tensor):  # one value per tensor, on the device
-            return decay if self.keep is None else self.keep * (decay - 1.0) + 1.0
-        if isinstance(decay, list):
+        if isinstance(decay, list):  # one float per tensor: a device vector, cached while the values hold
             key = tuple(decay)
             cached = self.pack.derived.get("decay_values")
             if cached is None or cached[0] != key:
                 cached = (key, torch.tensor(decay, device=self.pack.device))
                 self.pack.derived["decay_values"] = cached
             decay = cached[1]
-        elif decay == 1.0:
+        elif not isinstance(decay, torch.Tensor) and decay == 1.0:
             return 1.0
-        if self.keep is None:
-            return decay
-        return self.keep * (decay - 1.0) + 1.0
+        return decay if self.keep is None else self.keep * (decay - 1.0) + 1.0
 
-    def decay_flat_(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the decay (float or per tensor) to flat ``x`` in place."""
-        decay = self.effective_decay()
+    def decay_flat_(self, x: torch.Tensor, decay: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the decay (float or per tensor; ``effective_decay()`` unless given) to flat ``x`` in place."""
+        decay = self.effective_decay() if decay is None else decay
         if isinstance(decay, torch.Tensor):
             return self.tensor_scale_(x, decay)
         return x.mul_(decay) if decay != 1.0 else x

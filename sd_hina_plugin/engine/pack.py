@@ -107,6 +107,14 @@ class Pack:
             self._views[key] = views
         return views
 
+    def buffer_size(self, kind: str) -> int:
+        """Length of a storage buffer of the given kind (see :meth:`key_views`)."""
+        if kind == "blocks":
+            return self.total // BLOCK
+        if kind == "tensor":
+            return len(self.params)
+        return self.total
+
     def key_views(self, key: str, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a storage buffer of the given key's kind."""
         kind = self.kinds.get(key, "elem")

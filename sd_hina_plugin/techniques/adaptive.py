@@ -79,7 +79,7 @@ class AdaptiveImportance(Technique):
             decay = hp["importance_decay"]
             contribution = torch.zeros_like(importance)
             for key, weight in zip(STATS, WEIGHTS):
-                values = torch.cat([p.storage[key] for p in packs])
+                values = opt.per_tensor(key)[1]
                 contribution.add_(values / values.mean().clamp_min(1e-30), alpha=weight)
             updated = importance * decay + contribution * (1.0 - decay)
             present = [p.grad is not None for pack in packs for p in pack.params]
@@ -89,17 +89,13 @@ class AdaptiveImportance(Technique):
                 importance = torch.where(torch.tensor(present, device=importance.device), updated, importance)
             if done % hp["relationship_discovery_interval"] == 0:
                 self.discover(opt, packs)
-        partner = torch.cat([p.storage["adapt.partner"] for p in packs]).long()
-        compat = torch.cat([p.storage["adapt.compat"] for p in packs])
+        partner = opt.per_tensor("adapt.partner")[1].long()
+        compat = opt.per_tensor("adapt.compat")[1]
         shared = importance[(partner - 1).clamp_min(0)]
         blended = torch.where(partner > 0, importance * (1 - compat / 2) + shared * (compat / 2), importance)
-        offset, slices = 0, {}
-        for pack in packs:
-            n = len(pack.params)
-            pack.storage["adapt.importance"].copy_(importance[offset:offset + n])
-            slices[id(pack)] = blended[offset:offset + n]
-            offset += n
-        opt.step_cache[self.name] = slices
+        for pack, part in opt.per_tensor_slices(packs, importance):
+            pack.storage["adapt.importance"].copy_(part)
+        opt.step_cache[self.name] = {id(pack): part for pack, part in opt.per_tensor_slices(packs, blended)}
 
     def discover(self, opt: Any, packs: list) -> None:
         """Relationships: known adapter pairs, then shape-chainable candidates scored on the device (no sync)."""
@@ -148,12 +144,9 @@ class AdaptiveImportance(Technique):
             partner[right] = torch.where(linked, left + 1.0, 0.0)
             compat[left] = score
             compat[right] = score
-        offset = 0
-        for pack in packs:
-            n = len(pack.params)
-            pack.storage["adapt.partner"].copy_(partner[offset:offset + n])
-            pack.storage["adapt.compat"].copy_(compat[offset:offset + n])
-            offset += n
+        for key, vector in (("adapt.partner", partner), ("adapt.compat", compat)):
+            for pack, part in opt.per_tensor_slices(packs, vector):
+                pack.storage[key].copy_(part)
 
     # -- per pack ------------------------------------------------------------------------------------------
     def run(self, ctx) -> None:

@@ -30,6 +30,13 @@ LOW_PRECISION_UPDATE = Field(
 ADAPTER_ROLES = frozenset(r for r in Role if r.family in ("lora", "lokr", "loha"))
 
 
+def decay_factors(amount: float, scales: list[float] | None) -> float | list[float]:
+    """``1 - amount`` for the whole pack, or per tensor with the dynamic weight-decay ``scales``."""
+    if scales is None or not amount:
+        return 1.0 - amount
+    return [1.0 - amount * s for s in scales]
+
+
 class DecoupledWeightDecay(Technique):
     name = "weight_decay"
     stage = "apply"
@@ -37,12 +44,7 @@ class DecoupledWeightDecay(Technique):
     summary = "decoupled weight decay p <- p (1 - lr wd)"
 
     def run(self, ctx) -> None:
-        wd = ctx.hp["weight_decay"]
-        scales = ctx.pack.derived.get("wd_scales")
-        if scales is None or not wd:
-            ctx.decay = 1.0 - ctx.lr * wd
-        else:
-            ctx.decay = [1.0 - ctx.lr * wd * s for s in scales]
+        ctx.decay = decay_factors(ctx.lr * ctx.hp["weight_decay"], ctx.pack.derived.get("wd_scales"))
 
 
 class DynamicWeightDecay(Technique):

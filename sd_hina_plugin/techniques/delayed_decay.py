@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..config import Field
 from ..engine.technique import Technique
-from .apply import LR, WEIGHT_DECAY
+from .apply import LR, WEIGHT_DECAY, decay_factors
 
 THRESHOLD = Field("decay_threshold", "float", 5e-3, "Accumulated lr * weight_decay released at once when exceeded.", low=0.0)
 
@@ -34,6 +34,4 @@ class DelayedWeightDecay(Technique):
         if not group.get("hina_wd_release"):
             ctx.decay = 1.0
             return
-        acc = group["hina_wd_applied"]
-        scales = ctx.pack.derived.get("wd_scales")
-        ctx.decay = 1.0 - acc if scales is None else [1.0 - acc * s for s in scales]
+        ctx.decay = decay_factors(group["hina_wd_applied"], ctx.pack.derived.get("wd_scales"))

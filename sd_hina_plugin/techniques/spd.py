@@ -61,8 +61,9 @@ class SelectiveProjectionDecay(Technique):
             u.mul_(ctx.lr_scale)
             ctx.lr_scale = None
         new = ctx.scratch("spd_new")
-        if isinstance(ctx.decay, list) or ctx.decay != 1.0:
-            ctx.decay_flat_(new.copy_(theta)).add_(u, alpha=-ctx.lr * ctx.step_scale)
+        decay = ctx.effective_decay()
+        if isinstance(decay, torch.Tensor) or decay != 1.0:
+            ctx.decay_flat_(new.copy_(theta), decay).add_(u, alpha=-ctx.lr * ctx.step_scale)
         else:
             torch.add(theta, u, alpha=-ctx.lr * ctx.step_scale, out=new)
         if anchor is not None:
