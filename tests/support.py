@@ -10,40 +10,11 @@ from torch import nn
 
 import sd_hina_plugin
 from sd_hina_plugin import registry
+from sd_hina_plugin.bench.tasks import LoRAConv, LoRALinear
 from sd_hina_plugin.config import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
-
-
-class LoRALinear(nn.Module):
-    """A frozen Linear plus a kohya-style LoRA branch: up(down(x)), up zero-initialised."""
-
-    def __init__(self, d_in: int, d_out: int, rank: int):
-        super().__init__()
-        self.base = nn.Linear(d_in, d_out)
-        self.base.requires_grad_(False)
-        self.lora_down = nn.Linear(d_in, rank, bias=False)
-        self.lora_up = nn.Linear(rank, d_out, bias=False)
-        nn.init.zeros_(self.lora_up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_up(self.lora_down(x))
-
-
-class LoRAConv(nn.Module):
-    """A frozen 3x3 conv plus a LoCon branch: down (r, in, 3, 3), up (out, r, 1, 1)."""
-
-    def __init__(self, c_in: int, c_out: int, rank: int):
-        super().__init__()
-        self.base = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.base.requires_grad_(False)
-        self.lora_down = nn.Conv2d(c_in, rank, 3, padding=1, bias=False)
-        self.lora_up = nn.Conv2d(rank, c_out, 1, bias=False)
-        nn.init.zeros_(self.lora_up.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_up(self.lora_down(x))
 
 
 class TinyLoRANet(nn.Module):
@@ -51,9 +22,9 @@ class TinyLoRANet(nn.Module):
 
     def __init__(self, rank: int = 4):
         super().__init__()
-        self.conv = LoRAConv(3, 8, rank)
-        self.fc1 = LoRALinear(8 * 16, 32, rank)
-        self.fc2 = LoRALinear(32, 16, rank)
+        self.conv = LoRAConv(nn.Conv2d(3, 8, 3, padding=1).requires_grad_(False), rank)
+        self.fc1 = LoRALinear(nn.Linear(8 * 16, 32).requires_grad_(False), rank)
+        self.fc2 = LoRALinear(nn.Linear(32, 16).requires_grad_(False), rank)
         self.scale = nn.Parameter(torch.ones(16))
 
     def forward(self, x):

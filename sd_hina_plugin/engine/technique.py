@@ -68,6 +68,9 @@ class Technique:
     switch: Field | None = None
     switch_on: bool = True
 
+    def __init__(self, switch: Field | None = None, switch_on: bool = True):
+        self.switch, self.switch_on = switch, switch_on
+
     def enabled(self, hp: Any) -> bool:
         """Whether this technique runs for a param group ``hp`` (its ``switch`` field, if it has one)."""
         return self.switch is None or bool(hp[self.switch.name]) == self.switch_on

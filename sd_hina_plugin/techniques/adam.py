@@ -57,9 +57,6 @@ class AdamNormalize(Technique):
     fields = (EPS,)
     summary = "u = m_hat / (sqrt(v_hat) + eps) with bias correction"
 
-    def __init__(self, switch: Field | None = None, switch_on: bool = True):
-        self.switch, self.switch_on = switch, switch_on
-
     def run(self, ctx) -> None:
         b1, b2 = ctx.hp["betas"]
         t = ctx.step

@@ -66,7 +66,7 @@ class AdaptiveImportance(Technique):
     summary = "per-tensor relative importance (consistency, change rate, SNR) and relationships scale the update"
 
     def __init__(self, switch: Field = USE_DYNAMIC):
-        self.switch = switch
+        super().__init__(switch)
 
     # -- once per step, over all packs -------------------------------------------------------------------
     def prepare(self, opt: Any) -> None:
@@ -181,7 +181,7 @@ class LrMask(Technique):
     summary = "Automagic-style per-element lr multiplier (relative to the group lr), learned during warm-up"
 
     def __init__(self, switch: Field = USE_LR_MASK):
-        self.switch = switch
+        super().__init__(switch)
 
     def run(self, ctx) -> None:
         lr0 = ctx.hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit

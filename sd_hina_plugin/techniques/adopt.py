@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Field
 from ..engine.technique import Technique
 from .adam import EPS, EXP_AVG_SQ
 
@@ -24,9 +23,6 @@ class AdoptScale(Technique):
     fields = (EPS,)
     slots = (EXP_AVG_SQ,)
     summary = "ADOPT: normalize g by the previous second moment (first step initializes v only)"
-
-    def __init__(self, switch: Field | None = None):
-        self.switch = switch
 
     def run(self, ctx) -> None:
         v, g = ctx.state("exp_avg_sq"), ctx.g
@@ -47,9 +43,6 @@ class AdoptDirection(Technique):
     name = "adopt_direction"
     stage = "direction"
     summary = "ADOPT: u = m"
-
-    def __init__(self, switch: Field | None = None):
-        self.switch = switch
 
     def run(self, ctx) -> None:
         ctx.u.copy_(ctx.state("exp_avg"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Field
 from ..engine.technique import Technique
 
 
@@ -19,9 +18,6 @@ class AGR(Technique):
     name = "agr"
     stage = "grad"
     summary = "g <- g (1 - |g| / sum|g|) per tensor"
-
-    def __init__(self, switch: Field | None = None):
-        self.switch = switch
 
     def run(self, ctx) -> None:
         g = ctx.g

@@ -71,7 +71,7 @@ class DynamicWeightDecay(Technique):
     summary = "adapter factors' weight decay decays exponentially after wd_transition_steps to wd_min_ratio"
 
     def __init__(self, switch: Field):
-        self.switch = switch
+        super().__init__(switch)
 
     @staticmethod
     def multiplier(hp, step: int) -> float:

@@ -21,7 +21,7 @@ class Cautious(Technique):
     summary = "zero update components whose sign disagrees with g, rescale by numel/(kept+1) per tensor"
 
     def __init__(self, switch: Field | None = None, yields_to: Field | None = None):
-        self.switch = switch
+        super().__init__(switch)
         self.yields_to = yields_to
 
     def enabled(self, hp) -> bool:

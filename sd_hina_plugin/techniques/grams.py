@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Field
 from ..engine.technique import Technique
 
 
@@ -17,9 +16,6 @@ class Grams(Technique):
     name = "grams"
     stage = "direction"
     summary = "u <- |u| sign(g)"
-
-    def __init__(self, switch: Field | None = None):
-        self.switch = switch
 
     def run(self, ctx) -> None:
         ctx.u.abs_().mul_(torch.sign(ctx.g, out=ctx.scratch("grams")))

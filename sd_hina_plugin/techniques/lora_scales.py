@@ -42,7 +42,7 @@ class LoraPlusRatio(Technique):
     def __init__(self, ratio: Field, switch: Field | None = None):
         self.ratio = ratio
         self.fields = (ratio,)
-        self.switch = switch
+        super().__init__(switch)
 
     def applies(self, opt: Any) -> bool:
         return not opt.lora.roles_split_by_groups
@@ -67,9 +67,6 @@ class AloraRowScale(Technique):
     name = "alora_rows"
     stage = "scale"
     summary = "ALoRA-style scale 1/(1+||row of BA||) from B and A's Gram matrix; LoKr/LoHa by the product norm"
-
-    def __init__(self, switch: Field | None = None):
-        self.switch = switch
 
     @staticmethod
     def _plan(layout) -> dict[str, Any]:
@@ -122,8 +119,7 @@ class AllLoraRowScale(Technique):
     def __init__(self, eta: Field, switch: Field | None = None, switch_on: bool = True):
         self.eta = eta
         self.fields = (eta,)
-        self.switch = switch
-        self.switch_on = switch_on
+        super().__init__(switch, switch_on)
 
     def run(self, ctx) -> None:
         inv_eta2 = 1.0 / ctx.hp[self.eta.name] ** 2

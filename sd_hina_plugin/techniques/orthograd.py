@@ -24,7 +24,7 @@ class OrthoGrad(Technique):
     summary = "project the gradient orthogonal to the weights, rescaled to the original norm (per tensor)"
 
     def __init__(self, switch: Field | None = None, after_warmup: bool = False):
-        self.switch = switch
+        super().__init__(switch)
         self.after_warmup = after_warmup  # only once the group's step exceeds warmup_steps (Automagic_Sinkgd)
 
     def run(self, ctx) -> None:

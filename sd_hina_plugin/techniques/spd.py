@@ -35,7 +35,7 @@ class SelectiveProjectionDecay(Technique):
     def __init__(self, strength: Field, switch: Field | None = None):
         self.strength = strength
         self.fields = (strength,)
-        self.switch = switch
+        super().__init__(switch)
 
     def pack_tag(self, opt, hp, p):
         return "zero" if opt.lora.role(p) in ZERO_INIT_ROLES else "anchor"

@@ -28,7 +28,7 @@ class TorqueAwareMomentum(Technique):
     def __init__(self, beta: Field, switch: Field | None = None):
         self.beta = beta
         self.fields = (beta,)
-        self.switch = switch
+        super().__init__(switch)
 
     def run(self, ctx) -> None:
         gamma = ctx.hp[self.beta.name]
