@@ -1,13 +1,16 @@
 """Norms of factored weight updates without forming the dense product.
 
-For a LoRA pair ``ΔW = B A`` (B: out x r, A: r x in; conv kernels viewed as matrices), with the QR
-factorisation ``A^T = Q R`` (Q orthonormal, R at most r x r):
+For a LoRA pair ``ΔW = B A`` (B: out x r, A: r x in; conv kernels viewed as matrices):
 
-    ||(B A)_i,:|| = ||(B R^T)_i,:||            (B A = B R^T Q^T and Q^T preserves norms)
-    ||X Y||_F     = ||R_X Y||_F  for  X = Q_X R_X
+    ||(B A)_i,:||^2 = b_i (A A^T) b_i^T        (row i of ΔW, from B and the r x r Gram matrix of A)
+    ||X Y||_F^2     = sum((X^T X) ⊙ (Y Y^T))    (both r x r)
 
-These are norms of small actual vectors, so nothing cancels. The equivalent Gram form b_i (A A^T) b_i^T
-loses about sqrt(eps) * ||b_i|| ||A|| of absolute accuracy when a row of B A is small (3e-4 in fp32).
+Both are evaluated in float64. In fp32 the Gram form loses about sqrt(eps32) * ||b_i|| ||A|| = 3e-4 ||b_i|| ||A||
+of absolute accuracy, so a small row of B A came out as 0 or as noise; in float64 the loss is about
+1.5e-8 ||b_i|| ||A||, below what rounding the fp32 factors themselves already costs (6e-8 ||b_i|| ||A||). A batched QR of A^T would be as
+accurate in fp32, but CUDA's QR runs one solver call per matrix for tall matrices, so its kernel launches
+would grow with the number of modules; the float64 Gram form stays a few batched matmuls. MPS has no
+float64: there the form runs in fp32, with the loss above.
 
 For a Kronecker product ``ΔW = w1 ⊗ w2``: ``||w1 ⊗ w2||_F = ||w1||_F ||w2||_F``.
 
@@ -48,12 +51,17 @@ def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
     return classes
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision the Gram forms are evaluated in (float64; fp32 on MPS, which lacks float64)."""
+    return t if t.device.type == "mps" else t.double()
+
+
 def batched_row_norms(b: torch.Tensor, a: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-    """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out)."""
-    r_t = torch.linalg.qr(a.transpose(1, 2), mode="r")[1].transpose(1, 2)  # (k, r, min(r, in))
-    shape = (*b.shape[:2], r_t.shape[2])
-    br = torch.bmm(b, r_t) if buffers is None else torch.bmm(b, r_t, out=_buffer(buffers, "br", shape, b))
-    return torch.linalg.vector_norm(br, dim=-1)
+    """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out), fp32."""
+    a, b = _exact(a), _exact(b)
+    gram = torch.bmm(a, a.transpose(1, 2))
+    bg = torch.bmm(b, gram) if buffers is None else torch.bmm(b, gram, out=_buffer(buffers, "bg", b.shape, b))
+    return bg.mul_(b).sum(-1).clamp_min_(0).sqrt_().float()
 
 
 def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -62,6 +70,8 @@ def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.T
     for _, idx in _by_shapes(xs, ys).items():
         x = as_matrices([xs[i] for i in idx])
         y = as_matrices([ys[i] for i in idx])
-        r_x = torch.linalg.qr(x, mode="r")[1]  # X = Q R_X: ||X Y||_F = ||R_X Y||_F
-        out[idx] = torch.linalg.vector_norm(torch.bmm(r_x, y), dim=(1, 2))
+        x, y = _exact(x), _exact(y)
+        gram_x = torch.bmm(x.transpose(1, 2), x)
+        gram_y = torch.bmm(y, y.transpose(1, 2))
+        out[idx] = (gram_x * gram_y).sum((1, 2)).clamp_min_(0).sqrt_().float()
     return out

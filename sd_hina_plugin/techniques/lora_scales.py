@@ -10,8 +10,8 @@ argument names of the optimizer that uses it.
   whose "plus" groups already carry the ratio in their lr (applying it again would square it).
 * :class:`AloraRowScale` (the ALoRA-style rule of HinaAdamW's seed: lr inversely proportional to the row
   norms of ``B A``): row ``i`` of B is scaled by ``1 / (1 + ||(B A)_i,:||)`` and A by
-  ``1 / (1 + mean_i ||(B A)_i,:||)``, with the row norms computed from B and the r x r Gram matrix of A
-  (``lora/factors.py``), never from the dense product. LoKr factors are scaled by
+  ``1 / (1 + mean_i ||(B A)_i,:||)``, with the row norms computed in float64 from B and the r x r Gram
+  matrix of A (``lora/factors.py``), never from the dense product. LoKr factors are scaled by
   ``1 / (1 + ||w1|| ||w2||)`` (the Frobenius norm of the Kronecker product). LoHa: by
   ``1 / (1 + ||w1a w1b|| ||w2a w2b||)``, an upper bound of the Hadamard product's norm.
 * :class:`AllLoraRowScale` (ALLoRA, Huang & Balestriero, arXiv 2410.09692): every row of every tensor,
