@@ -5,7 +5,8 @@ Every optimizer class is importable from here, so kohya's ``--optimizer_type sd_
 
 from .config import Field, load_preset
 from .engine import HinaOptimizer
-from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_Sinkgd, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
+from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_CameAMP, Automagic_CameAMP8bit,
+                         Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit, Automagic_Sinkgd, COptimConfig, OptimizerConfig, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
                          HinaAdamWCore, HinaAdamWOptimizer)
 from .registry import create_optimizer, list_optimizers, resolve
 
@@ -14,7 +15,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamWBF16_HinaAdaptive",
     "AdamW_HinaAdaptive",
+    "Automagic_CameAMP",
+    "Automagic_CameAMP8bit",
+    "Automagic_CameAMP_COptim",
+    "Automagic_CameAMP_COptim8bit",
     "Automagic_Sinkgd",
+    "COptimConfig",
     "CustomAdamW",
     "CustomAdamWOptimizer",
     "Field",
@@ -25,5 +31,6 @@ __all__ = [
     "create_optimizer",
     "list_optimizers",
     "load_preset",
+    "OptimizerConfig",
     "resolve",
 ]

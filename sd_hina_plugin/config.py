@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
 _FALSE = {"false", "0", "no", "off", "n", "f"}
-_KINDS = ("float", "int", "bool", "str", "floats")
+_KINDS = ("float", "int", "bool", "str", "floats", "ints")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class Field:
     """One optimizer argument: its type, default, allowed range and help text.
 
     ``kind`` is one of ``float``, ``int``, ``bool``, ``str`` (optionally restricted to ``choices``) and
-    ``floats`` (a tuple of ``length`` floats, each within the range). Bounds are inclusive unless
-    ``low_open``/``high_open`` is set.
+    ``floats`` (a tuple of ``length`` floats, each within the range) and ``ints`` (a non-empty tuple of
+    integers, of ``length`` items if set). Bounds are inclusive unless ``low_open``/``high_open`` is set.
     """
 
     name: str
@@ -62,6 +62,8 @@ class Field:
         interval = self.interval_text()
         if self.kind == "floats":
             return f"{self.length} numbers, each in {interval}"
+        if self.kind == "ints":
+            return f"{self.length or 'one or more'} integers, each in {interval}"
         return f"{'an integer' if self.kind == 'int' else 'a number'} in {interval}"
 
     def interval_text(self) -> str:
@@ -110,6 +112,19 @@ class Field:
                 if not self._in_range(v):
                     raise ValueError(f"{where}: element {i + 1} ({v!r}) must be in {self.interval_text()}")
             return numbers
+        if self.kind == "ints":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not value:
+                raise TypeError(f"{where} ({type(value).__name__}): expected {self.range_text()}, e.g. {self.default!r}")
+            if self.length is not None and len(value) != self.length:
+                raise ValueError(f"{where}: expected {self.length} integers, got {len(value)}")
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+                raise TypeError(f"{where}: expected {self.range_text()}, got {value!r}")
+            for i, v in enumerate(value):
+                if not self._in_range(v):
+                    raise ValueError(f"{where}: element {i + 1} ({v!r}) must be in {self.interval_text()}")
+            return tuple(value)
         # str
         if not isinstance(value, str):
             raise TypeError(f"{where} ({type(value).__name__}): expected {self.range_text()}")
@@ -138,6 +153,8 @@ class Field:
         """A literal that kohya's ``ast.literal_eval`` and :meth:`coerce` both read back as ``value``."""
         if self.kind == "floats":
             return "(" + ", ".join(repr(float(v)) for v in value) + ")"
+        if self.kind == "ints":
+            return "(" + ", ".join(str(int(v)) for v in value) + ",)"
         return repr(value)
 
 

@@ -96,6 +96,12 @@ def problem_lr(spec) -> float:
     return getattr(spec.cls, "CONFORMANCE_LR", PROBLEM_LR)
 
 
+def problem_steps(name: str) -> int:
+    """Steps of the loss-decrease check: 60, or the class's ``CONFORMANCE_STEPS`` for optimizers whose
+    default early phase is deliberately conservative (documented on the class)."""
+    return getattr(registry.resolve(name).cls, "CONFORMANCE_STEPS", 60)
+
+
 def variants() -> list[tuple[str, str, dict, float]]:
     """(test id, optimizer name, kwargs, lr) for every registered optimizer and every preset.
 

@@ -19,10 +19,16 @@ def test_every_registered_class_is_importable_from_the_top_level():
             assert getattr(sd_hina_plugin, alias) is spec.cls
 
 
+#: upstream names users paste from their configs; kohya's "*8bit" branch only imports bitsandbytes first (a core
+#: dependency here) and then falls through to the dotted path (tests/kohya builds each through kohya's rules)
+UPSTREAM_8BIT_NAMES = {"Automagic_CameAMP8bit", "Automagic_CameAMP_COptim8bit"}
+
+
 def test_no_name_trips_kohya_suffix_branches():
     for spec in registry.specs():
         for name in (spec.name, *spec.aliases):
-            assert not name.lower().endswith(("8bit", "schedulefree")), name
+            assert not name.lower().endswith("schedulefree"), name
+            assert name in UPSTREAM_8BIT_NAMES or not name.lower().endswith("8bit"), name
 
 
 def test_list_and_resolve():

@@ -237,18 +237,23 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     def _slot_keys(slot: Slot, pack: Pack) -> list[tuple[str, str]]:
         if slot.per_tensor:
             return [(slot.name, "tensor")]
+        if slot.layout != "elem":
+            if slot.layout == "bits" and not pack.quantized:
+                raise ValueError(f"slot {slot.name!r}: packed bits need an 8-bit pack (segments padded to 256)")
+            return [(slot.name, slot.layout)]
         if pack.quantized and slot.quantizable:
             return [(f"{slot.name}.q", "elem"), (f"{slot.name}.absmax", "blocks")]
         return [(slot.name, "elem")]
 
     @staticmethod
     def _buffer(pack: Pack, slot: Slot, key: str, kind: str) -> torch.Tensor:
-        if kind in ("blocks", "tensor"):
+        if kind in ("blocks", "tensor", "rows", "cols"):
             dtype = torch.float32
-        elif key.endswith(".q"):
+        elif kind == "bits" or key.endswith(".q"):
             dtype = torch.uint8
         else:
-            dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8}[slot.dtype]
+            dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8,
+                     "int16": torch.int16, "uint8": torch.uint8}[slot.dtype]
         return torch.zeros(pack.buffer_size(kind), dtype=dtype, device=pack.device)
 
     def _allocate(self, pack: Pack, group: dict[str, Any]) -> None:
@@ -260,6 +265,8 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 pack.storage[key] = buf
                 pack.kinds[key] = kind
                 views = pack.key_views(key, buf)
+                if key.endswith(".q"):
+                    buf.fill_(quant8.zero_code(slot.signed))
                 if slot.init == "param":
                     torch._foreach_copy_(views, pack.params)
                 elif slot.init == "ones":
@@ -366,6 +373,9 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             group["step"] += 1
             for pack in packs:
                 self._step_pack(pack, group)
+        for tech in self.TECHNIQUES:
+            if any(tech.enabled(group) for group, _ in stepping):
+                tech.finish(self)
         return loss
 
     def _step_pack(self, pack: Pack, group: dict[str, Any]) -> None:
@@ -401,11 +411,11 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         quantized: list[Slot] = []
         rounded: list[Slot] = []
         for slot in self._slots(group, pack):
-            if pack.quantized and slot.quantizable and not slot.per_tensor:
+            if pack.quantized and slot.quantizable and not slot.per_tensor and slot.layout == "elem":
                 out = None if pack.device.type == "cpu" else self._scratch(f"deq.{slot.name}", pack)
                 states[slot.name] = quant8.dequantize(pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed, out=out)
                 quantized.append(slot)
-            elif slot.dtype == "bf16" and not slot.per_tensor and slot.init != "param":
+            elif slot.dtype == "bf16" and not slot.per_tensor and slot.layout == "elem" and slot.init != "param":
                 # read into fp32 on first use; written back only if a technique touched it
                 states[slot.name] = (lambda name=slot.name: self._scratch(f"sr.{name}", pack).copy_(pack.storage[name]))
                 rounded.append(slot)

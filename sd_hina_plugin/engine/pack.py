@@ -35,6 +35,24 @@ class Bucket:
     count: int
     seg: int
     first: int = 0  # index of the bucket's first parameter in ``Pack.params``
+    row_start: int = 0  # offsets of the bucket in "rows" / "cols" buffers (factored statistics)
+    col_start: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def n_cols(self) -> int:
+        return self.numel // self.n_rows if self.n_rows else 0
+
+    def row_stats(self, buf: torch.Tensor) -> torch.Tensor:
+        """The bucket's part of a "rows" buffer as ``(count, rows)``."""
+        return buf[self.row_start:self.row_start + self.count * self.n_rows].view(self.count, self.n_rows)
+
+    def col_stats(self, buf: torch.Tensor) -> torch.Tensor:
+        """The bucket's part of a "cols" buffer as ``(count, cols)``."""
+        return buf[self.col_start:self.col_start + self.count * self.n_cols].view(self.count, self.n_cols)
 
     @property
     def numel(self) -> int:
@@ -74,11 +92,21 @@ class Pack:
     derived: dict[str, object] = field(default_factory=dict)
     _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     pad_index: torch.Tensor | None = None
+    #: per-parameter offsets into "rows" / "cols" buffers, and their totals
+    row_offsets: list[int] = field(default_factory=list)
+    col_offsets: list[int] = field(default_factory=list)
+    total_rows: int = 0
+    total_cols: int = 0
 
     def __post_init__(self) -> None:
         offset = 0
         pads: list[torch.Tensor] = []
         for index, p in enumerate(self.params):
+            rows = p.shape[0] if p.dim() else 1
+            self.row_offsets.append(self.total_rows)
+            self.col_offsets.append(self.total_cols)
+            self.total_rows += rows
+            self.total_cols += p.numel() // rows if rows else 0
             self.offsets.append(offset)
             seg = padded(p.numel()) if self.quantized else p.numel()
             if seg != p.numel():
@@ -88,7 +116,7 @@ class Pack:
             if last is not None and last.shape == shape and last.start + last.count * last.seg == offset:
                 last.count += 1
             else:
-                self.buckets.append(Bucket(shape, offset, 1, seg, index))
+                self.buckets.append(Bucket(shape, offset, 1, seg, index, self.row_offsets[-1], self.col_offsets[-1]))
             offset += seg
         self.total = offset
         if pads:
@@ -113,6 +141,12 @@ class Pack:
             return self.total // BLOCK
         if kind == "tensor":
             return len(self.params)
+        if kind == "rows":
+            return self.total_rows
+        if kind == "cols":
+            return self.total_cols
+        if kind == "bits":
+            return self.total // 8
         return self.total
 
     def key_views(self, key: str, buf: torch.Tensor) -> list[torch.Tensor]:
@@ -122,7 +156,24 @@ class Pack:
             return self.block_views(buf)
         if kind == "tensor":
             return self.tensor_views(buf)
+        if kind in ("rows", "cols", "bits"):
+            return self.factor_views(kind, buf)
         return self.views(buf)
+
+    def factor_views(self, kind: str, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a "rows", "cols" or "bits" buffer."""
+        key = (buf.data_ptr(), buf.dtype, buf.numel(), kind)
+        views = self._views.get(key)
+        if views is None:
+            if kind == "bits":
+                spans = [(o // 8, padded(p.numel()) // 8) for o, p in zip(self.offsets, self.params)]
+            else:
+                starts = self.row_offsets if kind == "rows" else self.col_offsets
+                ends = starts[1:] + [self.total_rows if kind == "rows" else self.total_cols]
+                spans = [(a, b - a) for a, b in zip(starts, ends)]
+            views = [buf[a:a + n] for a, n in spans]
+            self._views[key] = views
+        return views
 
     def tensor_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         key = (flat.data_ptr(), flat.dtype, flat.numel(), "tensor")

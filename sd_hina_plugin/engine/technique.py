@@ -36,19 +36,24 @@ class Slot:
     uses 8-bit state; ``signed`` picks the quantization map. ``dtype`` ``"fp32"`` keeps full precision,
     ``"param"`` uses the parameter's dtype (e.g. a Kahan compensation buffer). ``low_precision_only``
     allocates the slot only for packs of bf16/fp16 parameters.
+
+    ``layout`` ``"elem"`` is one value per element; ``"rows"`` / ``"cols"`` one value per row / column of each
+    tensor viewed as a matrix ``(shape[0], prod(rest))`` (factored statistics, Adafactor/CAME); ``"bits"`` one
+    bit per element, packed eight to a uint8 (8-bit packs only: their segments are multiples of 256).
     """
 
     name: str
     quantizable: bool = False
     signed: bool = True
     #: storage dtype: "fp32", "param" (the parameter's), "bf16" (read as fp32 on first use and written back with
-    #: unbiased stochastic rounding when a technique called ``ctx.touch(name)``), "int8" (used as stored)
+    #: unbiased stochastic rounding when a technique called ``ctx.touch(name)``), "int8", "int16", "uint8" (used as stored)
     dtype: str = "fp32"
     low_precision_only: bool = False
     #: one value per tensor instead of one per element (e.g. TAM's cosine EMA)
     per_tensor: bool = False
     #: initial value: "zeros", "ones", or "param" (a copy of the parameter when state is created, e.g. SPD anchors)
     init: str = "zeros"
+    layout: str = "elem"
 
 
 class Technique:
@@ -85,6 +90,9 @@ class Technique:
     def prepare(self, opt: Any) -> None:
         """Called once per ``step()`` before any pack runs, for work that spans packs (e.g. LoRA pairs
         whose halves live in different param groups). Results go in ``opt.step_cache``."""
+
+    def finish(self, opt: Any) -> None:
+        """Called once per ``step()`` after every pack ran (e.g. to fold per-pack sums into global statistics)."""
 
     def slots_for(self, hp: Any, pack: Any) -> tuple[Slot, ...]:
         """The slots this technique needs for a pack (bf16/fp16-only slots only for low-precision packs)."""

@@ -83,3 +83,22 @@ def error_bound(absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     code = qmap(signed, absmax.device)
     gap = (code[1:] - code[:-1]).abs().max()
     return absmax * gap / 2
+
+
+def smallest_values(absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Per element (flat, blocks expanded), the smallest positive magnitude its block can hold: anything
+    smaller dequantizes to 0. Dividing by an 8-bit statistic needs this floor (e.g. CAME's unfactored v)."""
+    return absmax.repeat_interleave(BLOCK) * _smallest_positive(signed)
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_positive(signed: bool) -> float:
+    code = qmap(signed, torch.device("cpu"))
+    return float(code[code > 0].min())
+
+
+@functools.lru_cache(maxsize=None)
+def zero_code(signed: bool) -> int:
+    """The code whose value is exactly 0 (fresh and padding elements must hold it: code 0 of the signed map
+    is -0.99, which a loaded absmax would turn into a large value)."""
+    return int(torch.nonzero(qmap(signed, torch.device("cpu")) == 0)[0, 0])

@@ -31,14 +31,18 @@ class TorqueAwareMomentum(Technique):
         super().__init__(switch)
 
     def run(self, ctx) -> None:
-        gamma = ctx.hp[self.beta.name]
-        m, x = ctx.state("exp_avg"), ctx.m_in
-        norms = ctx.tensor_norm(m) * ctx.tensor_norm(x)
-        cos = torch.where(norms > 0, ctx.tensor_dot(m, x) / norms.clamp_min(1e-30), torch.ones_like(norms))
-        s, w = ctx.state("tam.s"), ctx.state("tam.w")
-        s.lerp_(cos, 1.0 - gamma)
-        w.mul_(gamma).add_(1.0 - gamma)
-        d = (s / w).add_(1.0).mul_(0.5)
+        x = ctx.m_in
+        d = torque_weights(ctx, ctx.state("exp_avg"), x, ctx.hp[self.beta.name])
         if x is ctx.g:
             x = ctx.scratch("tam_x").copy_(x)
         ctx.m_in = ctx.tensor_scale_(x, d)
+
+
+def torque_weights(ctx, m: torch.Tensor, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """TAM's per-tensor weight ``d = (1 + s_hat) / 2`` of the momentum input ``x`` (updates ``tam.s``/``tam.w``)."""
+    norms = ctx.tensor_norm(m) * ctx.tensor_norm(x)
+    cos = torch.where(norms > 0, ctx.tensor_dot(m, x) / norms.clamp_min(1e-30), torch.ones_like(norms))
+    s, w = ctx.state("tam.s"), ctx.state("tam.w")
+    s.lerp_(cos, 1.0 - gamma)
+    w.mul_(gamma).add_(1.0 - gamma)
+    return (s / w).add_(1.0).mul_(0.5)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from support import lora_problem, loss_on, make, param_dtype, roundtrip, train, trainable, variants
+from support import lora_problem, loss_on, make, param_dtype, problem_steps, roundtrip, train, trainable, variants
 
 from sd_hina_plugin import registry
 from sd_hina_plugin.diagnostics import count_step
@@ -29,17 +29,19 @@ def variant(request):
 
 def _bad_values(field):
     """(value, exception type) pairs every field must reject."""
-    bad = [([1, 2, 3, 4, 5], TypeError)] if field.kind != "floats" else [("nope", TypeError)]
+    sequence = field.kind in ("floats", "ints")
+    bad = [("nope", TypeError)] if sequence else [([1, 2, 3, 4, 5], TypeError)]
     if field.kind == "bool":
         bad.append(("maybe", TypeError))
-    if field.kind in ("float", "int", "floats"):
+    if field.kind == "ints":
+        bad.append(((1.5,) * (field.length or 1), TypeError))
+    if field.kind in ("float", "int", "floats", "ints"):
         bad.append(({"a": 1}, TypeError))
-        if field.low is not None:
-            below = field.low - 1.0 if field.kind != "int" else int(field.low) - 1
-            bad.append(((below,) * field.length if field.kind == "floats" else below, ValueError))
-        if field.high is not None:
-            above = field.high + 1.0 if field.kind != "int" else int(field.high) + 1
-            bad.append(((above,) * field.length if field.kind == "floats" else above, ValueError))
+        integral = field.kind in ("int", "ints")
+        for bound, step in ((field.low, -1), (field.high, 1)):
+            if bound is not None:
+                value = (int(bound) if integral else bound) + step * (1 if integral else 1.0)
+                bad.append(((value,) * (field.length or 1) if sequence else value, ValueError))
     if field.choices:
         bad.append(("not_a_choice" if field.kind == "str" else 12345, ValueError))
     return bad
@@ -91,7 +93,7 @@ def test_loss_decreases(variant, dtype):
     model, data = lora_problem(dtype=dtype)
     before = loss_on(model, data)
     opt = make(name, trainable(model), lr, **kwargs)
-    train(model, opt, data, 60)
+    train(model, opt, data, problem_steps(name))
     after = loss_on(model, data)
     assert math.isfinite(after) and after < 0.8 * before, (before, after)
 

@@ -1,0 +1,384 @@
+"""The techniques of the Automagic_CameAMP family (seed 001).
+
+With t the group's step, W = ``warmup_steps``, eps = (e1, e2, e3), betas = (b1, b2, b3), and any tensor
+with ndim >= 2 viewed as a matrix G (m x n) (conv kernels included):
+
+CAME (Luo et al., arXiv 2307.02047) with ADOPT's ordering (Taniguchi et al., arXiv 2411.02853):
+
+    t = 1     r = rowmean(G^2 + e1), c = colmean(G^2 + e1)          (initialise only; no update)
+    t >= 2    u = G / sqrt(V)   with V_ij = r_i c_j / mean(r)        (the factored v of the previous step)
+              u <- u / max(1, RMS(u) / clip_threshold)
+              r <- b2 r + (1 - b2) rowmean(G^2 + e1),  c likewise     (after use: ADOPT)
+              m <- b1_t m + (1 - b1_t) d_t u                          (momentum, below)
+              R = (u - m)^2 + e2,  s_r, s_c: EMAs (b3) of its row / column means
+              U = m / (sqrt(S / (1 - b3^(t-1))) + e3)   with S_ij = s_r,i s_c,j / mean(s_r)
+
+1-D tensors keep v and the residual unfactored (one value per element). ``came=False`` drops v: the raw
+gradient enters the momentum and the residual (g - m)^2 alone normalises the step (AdaBelief's belief
+term, factored like CAME's for matrices).
+
+Momentum: ``b1_t = max(b1 * beta1_decay^t, min(b1, 0.4))`` at every step (the consistency-phenomenon
+decay of arXiv 2404.07946). While t < W/2 the input is weighted by Torque-Aware Momentum (arXiv
+2412.18790): ``d = (1 + s_hat)/2`` from the EMA of cos(m, u) per tensor, faded linearly to 1 at W/2
+(``d_t = 1 - (1 - d)(1 - 2t/W)``), so the hand-over to plain consistency momentum has no jump.
+
+Deviations from CAME, on purpose: the residual EMA is bias-corrected (without it the first ~1/(1-b3)
+updates are inflated by 1/sqrt(1 - b3^k), 10x at k = 10 with b3 = 0.999, exactly while the lr mask learns);
+e3 guards the final division (the seed's third epsilon; CAME has none there).
+
+Grams blend (arXiv 2412.17107): ``U <- a |U| sign(g) + (1 - a) U`` with ``a = beta1_decay^t`` (pure Grams at
+the start, plain CAME later; skipped once a < 1e-6).
+
+AdaDecay (Nakamura & Hong, arXiv 1907.08931), while t < W/2: per element, z = (|g| - mean|g|) / std|g| over
+its own tensor (the layer), decay strength ``weight_decay * 2 sigmoid(4 z)``, applied through the same
+per-element lr as the update (mask and ALLoRA rows), as ``U <- U + wd * theta_c * p``.
+
+The automagic lr mask (:class:`LatticeLrMask`) and ALLoRA rows follow in the scale stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Field
+from ..engine.technique import Slot, Technique
+from ..numerics.quant8 import smallest_values
+
+BETAS = Field("betas", "floats", (0.8, 0.99, 0.999),
+              "(b1, b2, b3): momentum, CAME's second moment, the confidence residual.", low=0.0, high=1.0, high_open=True, length=3)
+EPS = Field("eps", "floats", (1e-30, 1e-16, 1e-8),
+            "(e1, e2, e3): added to g^2 (second moment), to the residual, and to the final denominator.", low=0.0, high=1.0, length=3)
+CLIP = Field("clip_threshold", "float", 1.0, "RMS clip of the normalised gradient: u /= max(1, RMS(u) / clip_threshold).",
+             low=0.0, low_open=True)
+CAME = Field("came", "bool", True, "CAME's factored second moment normalises the gradient; False: the residual alone does (AdaBelief-style).")
+BETA1_DECAY = Field("beta1_decay", "float", 0.9995,
+                    "Momentum b1_t = max(b1 * beta1_decay^t, 0.4); also the Grams blend weight beta1_decay^t.", low=0.0, high=1.0)
+TAM_BETA = Field("tam_beta", "float", 0.9, "Torque-Aware Momentum: EMA decay of cos(m, u) in the first half of warm-up.",
+                 low=0.0, high=1.0, high_open=True)
+WARMUP = Field("warmup_steps", "int", 500, "Phases: TAM, OrthoGrad and AdaDecay while t < W/2; the lr mask learns while t <= W.", low=0)
+#: weight of the Grams blend below which it is skipped (t > 27,600 steps with beta1_decay = 0.9995)
+GRAMS_FLOOR = 1e-6
+
+
+def is_matrix(pack) -> bool:
+    return pack.params[0].dim() >= 2
+
+
+def readable(ctx, name: str, value: torch.Tensor, floor: float) -> torch.Tensor:
+    """An unfactored statistic for division: at least ``floor`` and, in 8-bit packs, at least the smallest value
+    its block can represent (below it an element dequantizes to 0, and g / sqrt(0) would be inf)."""
+    if not ctx.pack.quantized:
+        return value.clamp_min(floor) if floor > 0 else value
+    low = smallest_values(ctx.pack.storage[f"{name}.absmax"], signed=False).clamp_min_(floor)
+    return torch.maximum(value, low, out=ctx.scratch(f"{name}.readable"))
+
+
+def col_mean(x: torch.Tensor) -> torch.Tensor:
+    """Column means of a batch ``(k, m, n)`` -> ``(k, n)``."""
+    return x.mean(dim=1)
+
+
+def factored_rsqrt(r: torch.Tensor, c: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors ``(k, m, 1)``, ``(k, 1, n)`` with product ``1 / sqrt(scale * r_i c_j / mean(r))``."""
+    rows = (r / r.mean(dim=-1, keepdim=True)).mul_(scale).rsqrt_()
+    return rows.unsqueeze(-1), c.rsqrt().unsqueeze(1)
+
+
+class CameSecondMoment(Technique):
+    """Stage ``moments``: the normalised gradient ``u`` into ``ctx.m_in`` (or the raw gradient with came=False)."""
+
+    name = "came"
+    stage = "moments"
+    fields = (BETAS, EPS, CLIP, CAME, WARMUP)
+    summary = "CAME: g / sqrt(v_{t-1}) with v factored (rows x columns) for matrices, RMS-clipped; first step initialises"
+
+    def pack_tag(self, opt, hp, p):
+        return p.dim() >= 2  # matrices and vectors keep different (factored / full) statistics
+
+    def slots_for(self, hp, pack):
+        if not hp["came"]:
+            return ()
+        if is_matrix(pack):
+            return (Slot("exp_avg_sq.row", layout="rows"), Slot("exp_avg_sq.col", layout="cols"))
+        return (Slot("exp_avg_sq", quantizable=True, signed=False),)
+
+    def run(self, ctx) -> None:
+        hp = ctx.hp
+        first = ctx.step == 1
+        if first:  # the lr mask compares gradient signs from the second step on: record the first ones
+            for tech in ctx.opt.techniques(hp):
+                if isinstance(tech, LatticeLrMask):
+                    tech.record(ctx)
+        if not hp["came"]:
+            if first:
+                ctx.done = True
+            return
+        eps1, b2 = hp["eps"][0], hp["betas"][1]
+        g = ctx.g
+        g2 = torch.mul(g, g, out=ctx.scratch("came_g2"))
+        x = ctx.scratch("came_u")
+        if is_matrix(ctx.pack):
+            rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
+            for b in ctx.buckets:
+                sq = b.matrix(g2)
+                r, c = b.row_stats(rows), b.col_stats(cols)
+                new_r, new_c = sq.mean(dim=-1).add_(eps1), col_mean(sq).add_(eps1)
+                if first:
+                    r.copy_(new_r)
+                    c.copy_(new_c)
+                    continue
+                fr, fc = factored_rsqrt(r, c)
+                torch.mul(b.matrix(g), fr, out=b.matrix(x)).mul_(fc)
+                r.lerp_(new_r, 1.0 - b2)
+                c.lerp_(new_c, 1.0 - b2)
+            if ctx.pack.pad_index is not None and not first:
+                x.index_fill_(0, ctx.pack.pad_index, 0.0)
+        else:
+            v = ctx.state("exp_avg_sq")
+            g2.add_(eps1)
+            if first:
+                v.copy_(g2)
+            else:
+                torch.rsqrt(readable(ctx, "exp_avg_sq", v, eps1), out=x).mul_(g)
+                v.lerp_(g2, 1.0 - b2)
+            ctx.touch("exp_avg_sq")
+        if first:
+            ctx.done = True
+            return
+        rms = ctx.tensor_norm(x) / ctx.numels().sqrt()
+        ctx.tensor_scale_(x, 1.0 / (rms / hp["clip_threshold"]).clamp_min_(1.0))
+        ctx.m_in = x
+
+
+class CameMomentum(Technique):
+    """Stage ``moments``: consistency momentum with TAM weighting (faded out by W/2)."""
+
+    name = "came_momentum"
+    stage = "moments"
+    fields = (BETAS, BETA1_DECAY, TAM_BETA, WARMUP)
+    slots = (Slot("exp_avg", quantizable=True, signed=True), Slot("tam.s", per_tensor=True), Slot("tam.w", per_tensor=True))
+    summary = "m <- b1_t m + (1 - b1_t) d u, b1_t = max(b1 beta1_decay^t, 0.4); TAM weight d faded to 1 by W/2"
+
+    @staticmethod
+    def beta(hp, step: int) -> float:
+        b1 = hp["betas"][0]
+        return max(b1 * hp["beta1_decay"] ** step, min(b1, 0.4))
+
+    @staticmethod
+    def tam_fade(hp, step: int) -> float:
+        """How much of TAM's damping is applied at ``step``: 1 - 2t/W, down to 0 at W/2."""
+        half = hp["warmup_steps"] / 2
+        return max(0.0, 1.0 - step / half) if half > 0 else 0.0
+
+    def run(self, ctx) -> None:
+        from .tam import torque_weights
+
+        m, x = ctx.state("exp_avg"), ctx.m_in
+        fade = self.tam_fade(ctx.hp, ctx.step)
+        if fade > 0:
+            d = torque_weights(ctx, m, x, ctx.hp["tam_beta"])
+            x = ctx.tensor_scale_(ctx.scratch("came_tam").copy_(x), d.sub_(1.0).mul_(fade).add_(1.0))
+        m.lerp_(x, 1.0 - self.beta(ctx.hp, ctx.step))
+        ctx.touch("exp_avg")
+
+
+class CameConfidence(Technique):
+    """Stage ``direction``: ``U = m / (sqrt(S_hat) + e3)`` from the (factored) EMA of the residual ``(u - m)^2``."""
+
+    name = "came_confidence"
+    stage = "direction"
+    fields = (BETAS, EPS)
+    summary = "CAME's confidence: U = m / sqrt(S), S the factored, bias-corrected EMA of (u - m)^2 + e2"
+
+    def slots_for(self, hp, pack):
+        if is_matrix(pack):
+            return (Slot("exp_avg_res.row", layout="rows"), Slot("exp_avg_res.col", layout="cols"))
+        return (Slot("exp_avg_res", quantizable=True, signed=False),)
+
+    def run(self, ctx) -> None:
+        b3 = ctx.hp["betas"][2]
+        eps2, eps3 = ctx.hp["eps"][1], ctx.hp["eps"][2]
+        m, u = ctx.state("exp_avg"), ctx.u
+        res = torch.sub(ctx.m_in, m, out=ctx.scratch("came_res")).square_()
+        correction = 1.0 / (1.0 - b3 ** (ctx.step - 1))  # residual updates so far: t - 1
+        if is_matrix(ctx.pack):
+            rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
+            eps = ctx.pack.derived.get(("eps3", eps3))
+            if eps is None:
+                eps = ctx.pack.derived[("eps3", eps3)] = torch.tensor(eps3, device=u.device)
+            for b in ctx.buckets:
+                sq = b.matrix(res)
+                r, c = b.row_stats(rows), b.col_stats(cols)
+                r.lerp_(sq.mean(dim=-1).add_(eps2), 1.0 - b3)
+                c.lerp_(col_mean(sq).add_(eps2), 1.0 - b3)
+                root_r = (r / r.mean(dim=-1, keepdim=True)).mul_(correction).sqrt_().unsqueeze(-1)
+                out = b.matrix(u)
+                torch.addcmul(eps, root_r, c.sqrt().unsqueeze(1), out=out)
+                torch.div(b.matrix(m), out, out=out)
+            if ctx.pack.pad_index is not None:
+                u.index_fill_(0, ctx.pack.pad_index, 0.0)
+        else:
+            s = ctx.state("exp_avg_res")
+            s.lerp_(res.add_(eps2), 1.0 - b3)
+            ctx.touch("exp_avg_res")
+            torch.sqrt(readable(ctx, "exp_avg_res", s, 0.0), out=u).mul_(math.sqrt(correction)).add_(eps3)
+            torch.div(m, u, out=u)
+
+
+class GramsBlend(Technique):
+    name = "grams_blend"
+    stage = "direction"
+    fields = (BETA1_DECAY,)
+    summary = "U <- a |U| sign(g) + (1 - a) U, a = beta1_decay^t"
+
+    def run(self, ctx) -> None:
+        a = ctx.hp["beta1_decay"] ** ctx.step
+        if a < GRAMS_FLOOR:
+            return
+        # a |U| sign(g) + (1 - a) U = U (1 - a + a sign(U g))
+        agree = torch.mul(ctx.u, ctx.g, out=ctx.scratch("grams")).sign_()
+        ctx.u.mul_(agree.mul_(a).add_(1.0 - a))
+
+
+class ElementAdaDecay(Technique):
+    name = "adadecay"
+    stage = "direction"
+    fields = (Field("weight_decay", "float", 5e-4, "AdaDecay strength (first half of warm-up): per element wd * 2 sigmoid(4 z).", low=0.0),
+              EPS, WARMUP)
+    summary = "AdaDecay while t < W/2: per-element decay wd * 2 sigmoid(4 z), z of |g| within its tensor"
+
+    def run(self, ctx) -> None:
+        wd = ctx.hp["weight_decay"]
+        if not wd or ctx.step >= ctx.hp["warmup_steps"] / 2:
+            return
+        eps3 = ctx.hp["eps"][2]
+        a = torch.abs(ctx.g, out=ctx.scratch("adadecay"))
+        theta = ctx.params32()
+        for b in ctx.buckets:
+            rows = b.rows(a)
+            std, mean = torch.std_mean(rows, dim=1, keepdim=True, correction=0)
+            rows.sub_(mean).div_(std.add_(eps3)).mul_(4.0).sigmoid_().mul_(2.0 * wd)
+            b.rows(ctx.u).addcmul_(rows, b.rows(theta))
+
+
+class LatticeLrMask(Technique):
+    """The automagic per-element lr multiplier (relative to the group's first lr ``lr0``), kept exactly.
+
+    The mask only ever moves by ``±b``, ``b = lr_bump / lr0``, from its start value 1, so it is stored as the
+    integer number of bumps ``j``: multiplier ``1 + b j``, with ``j`` clamped to the lattice points within
+    ``[min_lr, max_lr] / lr0``. This is exact (no rounding can swallow a bump, unlike a quantized or bf16
+    mask) and needs no random numbers. While ``2 <= t <= W`` each element steps +1 where ``g > 0`` agrees with
+    the previous step's polarity, -1 where it flips; after W it is frozen.
+
+    Storage: int16 ``lr_mask.steps`` and an int8 polarity; in 8-bit packs a uint8 code ``j mod 256`` for a
+    256-point window ``[j_lo, j_lo + 255]`` of the lattice that contains the start (see :meth:`window`;
+    decoded as ``((code - j_lo) mod 256) + j_lo``, so a zero code is the start value) and packed polarity
+    bits: 1.125 B/param.
+    """
+
+    name = "lr_mask"
+    stage = "scale"
+    fields = (Field("lr_bump", "float", 3e-6, "Step of the lr mask, in lr units (relative to the group's first lr).", low=0.0),
+              Field("min_lr", "float", 1e-7, "Lower bound of the masked lr (relative to the group's first lr).", low=0.0),
+              Field("max_lr", "float", 1e-3, "Upper bound of the masked lr (relative to the group's first lr).", low=0.0),
+              WARMUP)
+    summary = "automagic lr mask: exact lattice of +-lr_bump/lr0 steps by gradient-sign agreement while t <= W, frozen after"
+
+    def slots_for(self, hp, pack):
+        if pack.quantized:
+            return (Slot("lr_mask.code", dtype="uint8"), Slot("lr_mask.polarity", layout="bits"))
+        return (Slot("lr_mask.steps", dtype="int16"), Slot("lr_mask.polarity", dtype="int8"))
+
+    @staticmethod
+    def lattice(hp, lr0: float) -> tuple[float, int, int]:
+        """(b, j_min, j_max): the bump in multiplier units and the lattice bounds from min_lr / max_lr."""
+        b = hp["lr_bump"] / lr0
+        lo, hi = hp["min_lr"] / lr0, hp["max_lr"] / lr0
+        if b == 0:
+            return 0.0, 0, 0
+        j_min = math.ceil((lo - 1.0) / b - 1e-9)
+        j_max = math.floor((hi - 1.0) / b + 1e-9)
+        if j_max < j_min:  # no lattice point within the bounds: stay as close to them as allowed
+            j_max = j_min = j_min if lo > 1.0 else j_max
+        return b, max(j_min, -32767), min(j_max, 32767)
+
+    @classmethod
+    def window(cls, hp, lr0: float) -> tuple[int, int]:
+        """(j_lo, j_hi) of the 256 lattice points an 8-bit code can hold: all reachable points if they fit
+        (a mask moves at most W steps), else the window around the start (up to 128 below and 127 above,
+        more on one side when the other side has fewer)."""
+        _, j_min, j_max = cls.lattice(hp, lr0)
+        w = hp["warmup_steps"]
+        lo, hi = max(j_min, -w), min(j_max, w)
+        hi = max(hi, lo)
+        if hi - lo > 255:
+            lo = max(lo, min(-128, hi - 255))
+            hi = lo + 255
+        return lo, hi
+
+    # -- polarity ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _positive(ctx) -> torch.Tensor:
+        return torch.gt(ctx.g, 0.0, out=ctx.scratch("mask_pos", torch.bool))
+
+    @staticmethod
+    def _pack_bits(bits: torch.Tensor, out: torch.Tensor) -> None:
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+        torch.sum(bits.view(-1, 8).to(torch.uint8).mul_(weights), dim=1, dtype=torch.uint8, out=out)
+
+    @staticmethod
+    def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        return packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1).bool()
+
+    def record(self, ctx) -> None:
+        """Store this step's gradient polarity (g > 0)."""
+        pos = self._positive(ctx)
+        if ctx.pack.quantized:
+            self._pack_bits(pos, ctx.state("lr_mask.polarity"))
+        else:
+            ctx.state("lr_mask.polarity").copy_(pos)
+
+    def _agreement(self, ctx) -> torch.Tensor:
+        """+1 where the polarity held, -1 where it flipped (int16), and the new polarity recorded."""
+        pos = self._positive(ctx)
+        stored = ctx.state("lr_mask.polarity")
+        previous = self._unpack_bits(stored) if ctx.pack.quantized else stored.bool()
+        step = torch.eq(pos, previous).to(torch.int16).mul_(2).sub_(1)
+        if ctx.pack.quantized:
+            self._pack_bits(pos, stored)
+        else:
+            stored.copy_(pos)
+        return step
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def run(self, ctx) -> None:
+        hp = ctx.hp
+        lr0 = hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit
+        if lr0 <= 0:
+            return
+        b, j_min, j_max = self.lattice(hp, lr0)
+        learning = ctx.step <= hp["warmup_steps"]
+        step = self._agreement(ctx) if learning else None
+        if b == 0:  # no bumps: the multiplier is 1 kept within the bounds
+            lo, hi = hp["min_lr"] / lr0, hp["max_lr"] / lr0
+            ctx.u.mul_(min(max(1.0, lo), hi))
+            return
+        if ctx.pack.quantized:
+            code = ctx.state("lr_mask.code")
+            lo, hi = self.window(hp, lr0)
+            j = torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
+            if step is not None:
+                j.add_(step).clamp_(max(j_min, lo), min(j_max, hi))
+                code.copy_(torch.remainder(j, 256))
+        else:
+            j = ctx.state("lr_mask.steps")
+            if step is not None:
+                j.add_(step).clamp_(j_min, j_max)
+        mult = ctx.scratch("mask_mult").copy_(j).mul_(b).add_(1.0)
+        if learning or id(ctx.pack) not in ctx.opt.mask_means:  # the mean, for hina/avg_lr (frozen masks: once)
+            real = sum(p.numel() for p in ctx.pack.params)
+            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, ctx.tensor_sum(mult).sum() / real, real)
+        ctx.u.mul_(mult)
