@@ -96,6 +96,16 @@ def test_auto_hook_feeds_the_loss_and_works_in_a_subclassed_trainer(kohya, tmp_p
     assert "hina/lr/unet" in _event_tags(tmp_path)
 
 
+def test_coptim_gets_the_step_loss_and_logs_its_context(kohya, tmp_path):
+    args = _args(kohya, "--optimizer_type", "sd_hina_plugin.Automagic_CameAMP_COptim8bit", "--logging_dir", str(tmp_path),
+                 "--optimizer_args", "min_8bit_size=0")
+    trainer = kohya.NetworkTrainer().train(args)
+    inner = trainer.optimizer.optimizer
+    assert inner.c_optim.losses == len(trainer.losses) - 1  # the first step only initialises
+    tags = _event_tags(tmp_path)
+    assert {"hina/coptim/lr_multiplier", "hina/coptim/edge", "hina/coptim/consistency", "hina/avg_lr/unet"} <= tags
+
+
 def test_without_logging_nothing_is_called(kohya):
     args = _args(kohya, "--optimizer_type", "support.LossObservingAdamW")
     trainer = kohya.NetworkTrainer().train(args)
