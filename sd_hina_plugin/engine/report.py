@@ -39,6 +39,16 @@ class Reporting:
                 out.update({f"hina/lokr/{m.key}/w1_norm": a, f"hina/lokr/{m.key}/w2_norm": b, f"hina/lokr/{m.key}/kron_norm": k})
         return out
 
+    def lr_mask(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The per-element lr multiplier of parameter ``p`` (fp32, relative to its group's lr; the effective lr is
+        ``group["lr"] * lr_mask(p)``), or None if the optimizer has no lr mask or ``p`` no state yet."""
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                for tech in self.techniques(group):
+                    if hasattr(tech, "mask_of") and self.state.get(p):
+                        return tech.mask_of(self, group, p)
+        return None
+
     def group_name(self, index: int) -> str:
         return str(self.param_groups[index].get("hina_desc") or f"group{index}")
 

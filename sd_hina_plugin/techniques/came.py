@@ -45,6 +45,7 @@ import torch
 from ..config import Field
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
+from .adaptive import lattice_bounds
 
 BETAS = Field("betas", "floats", (0.8, 0.99, 0.999),
               "(b1, b2, b3): momentum, CAME's second moment, the confidence residual.", low=0.0, high=1.0, high_open=True, length=3)
@@ -298,14 +299,16 @@ class LatticeLrMask(Technique):
     def lattice(hp, lr0: float) -> tuple[float, int, int]:
         """(b, j_min, j_max): the bump in multiplier units and the lattice bounds from min_lr / max_lr."""
         b = hp["lr_bump"] / lr0
-        lo, hi = hp["min_lr"] / lr0, hp["max_lr"] / lr0
         if b == 0:
             return 0.0, 0, 0
-        j_min = math.ceil((lo - 1.0) / b - 1e-9)
-        j_max = math.floor((hi - 1.0) / b + 1e-9)
-        if j_max < j_min:  # no lattice point within the bounds: stay as close to them as allowed
-            j_max = j_min = j_min if lo > 1.0 else j_max
-        return b, max(j_min, -32767), min(j_max, 32767)
+        return (b, *lattice_bounds(b, hp["min_lr"] / lr0, hp["max_lr"] / lr0))
+
+    def mask_of(self, opt, group, p) -> torch.Tensor:
+        """The multiplier of parameter ``p`` (fp32, relative to the group's lr)."""
+        lr0 = group.get("hina_lr0", group["lr"])
+        state = opt.state[p]
+        j = self.decode(state["lr_mask.code"], group) if "lr_mask.code" in state else state["lr_mask.steps"]
+        return 1.0 + self.lattice(group, lr0)[0] * j.float()
 
     @classmethod
     def window(cls, hp, lr0: float) -> tuple[int, int]:

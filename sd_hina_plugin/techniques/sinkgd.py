@@ -114,25 +114,32 @@ class VelocityRegularization(Technique):
 class ProdigyLrMask(LrMask):
     """The lr mask with the seed's Prodigy-style asymmetry: in the first half of warm-up, per tensor, the
     sign of ``c = -<g, theta - theta_0>`` (theta_0 = 0 for LoRA factors, the initial weights with
-    ``full_finetune``) makes the upward bump (c > 0) or the downward bump (c < 0) ``d_coef`` times larger."""
+    ``full_finetune``) makes the upward bump (c > 0) or the downward bump (c < 0) ``d_coef`` times larger.
+
+    The mask lattice has ``q`` steps per bump, the smallest q <= 16 for which ``d_coef * q`` is whole (1 for the
+    default d_coef = 2), so both bumps are exact; another d_coef is applied to the nearest 1/16 of a bump."""
 
     name = "lr_mask"
-    fields = LrMask.fields + (Field("d_coef", "float", 2.0, "Asymmetry of the lr-mask bumps in the first half of warm-up.", low=0.0),)
+    fields = LrMask.fields + (Field("d_coef", "float", 2.0, "Asymmetry of the lr-mask bumps in the first half of warm-up.", low=0.0, high=64.0),)
     slots = LrMask.slots + (Slot("sinkgd.anchor", dtype="bf16", init="param"),)
 
     def slots_for(self, hp, pack):
         return self.slots if hp["full_finetune"] else LrMask.slots
 
-    def bumps(self, ctx, bump: float):
+    def units(self, hp) -> int:
+        d = hp["d_coef"]
+        return next((q for q in range(1, 17) if abs(d * q - round(d * q)) <= 1e-9 * max(1.0, d * q)), 16)
+
+    def bumps(self, ctx, units: int):
         if ctx.step >= ctx.hp["warmup_steps"] / 2 or ctx.hp["d_coef"] == 1.0:
-            return bump, bump
+            return units, units
         theta = ctx.params32()
         if ctx.hp["full_finetune"]:
             theta = ctx.scratch("sinkgd_dev").copy_(ctx.state("sinkgd.anchor")).neg_().add_(theta)
         c = -ctx.tensor_dot(ctx.g, theta)
-        d = ctx.hp["d_coef"]
-        up = torch.where(c > 0, d * bump, bump)
-        down = torch.where(c < 0, d * bump, bump)
+        scaled = round(ctx.hp["d_coef"] * units)
+        up = torch.where(c > 0, scaled, units).to(torch.int16)
+        down = torch.where(c < 0, scaled, units).to(torch.int16)
         return up, down
 
 
