@@ -238,12 +238,12 @@ class LrMask(Technique):
         if delta == 0:  # no bumps: the multiplier is 1, kept within the bounds
             ctx.u.mul_(min(max(1.0, lo), hi))
             return
-        mult = ctx.scratch("mask_mult").copy_(steps).mul_(delta).add_(1.0)
+        count = ctx.scratch("mask_mult").copy_(steps)
         if ctx.step <= hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
             # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
             real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
-            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, ctx.tensor_sum(mult).sum() / real, real)
-        ctx.u.mul_(mult)
+            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + delta * ctx.tensor_sum(count).sum() / real, real)
+        ctx.u.addcmul_(ctx.u, count, value=delta)  # u (1 + delta j)
 
     def bumps(self, ctx, units: int) -> tuple[Any, Any]:
         """Upward and downward steps in lattice steps (ints, or per-tensor int16 vectors in subclasses)."""

@@ -178,10 +178,15 @@ class CameMomentum(Technique):
 
         m, x = ctx.state("exp_avg"), ctx.m_in
         fade = self.tam_fade(ctx.hp, ctx.step)
-        if fade > 0:
-            d = torque_weights(ctx, m, x, ctx.hp["tam_beta"])
-            x = ctx.tensor_scale_(ctx.scratch("came_tam").copy_(x), d.sub_(1.0).mul_(fade).add_(1.0))
-        m.lerp_(x, 1.0 - self.beta(ctx.hp, ctx.step))
+        rate = 1.0 - self.beta(ctx.hp, ctx.step)
+        if fade > 0:  # m <- (1 - rate) m + rate d_t x, the per-tensor weight broadcast per shape
+            d = torque_weights(ctx, m, x, ctx.hp["tam_beta"]).sub_(1.0).mul_(fade).add_(1.0)
+            weight = d.mul_(rate).unsqueeze(1)
+            m.mul_(1.0 - rate)
+            for b in ctx.buckets:
+                b.rows(m).addcmul_(b.rows(x), weight[b.first:b.first + b.count])
+        else:
+            m.lerp_(x, rate)
         ctx.touch("exp_avg")
 
 
@@ -389,8 +394,8 @@ class LatticeLrMask(Technique):
             j = ctx.state("lr_mask.steps")
             if step is not None:
                 j.add_(step).clamp_(j_min, j_max)
-        mult = ctx.scratch("mask_mult").copy_(j).mul_(b).add_(1.0)
+        steps = ctx.scratch("mask_mult").copy_(j)
         if learning or id(ctx.pack) not in ctx.opt.mask_means:  # the mean, for hina/avg_lr (frozen masks: once)
             real = sum(p.numel() for p in ctx.pack.params)
-            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, ctx.tensor_sum(mult).sum() / real, real)
-        ctx.u.mul_(mult)
+            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + b * ctx.tensor_sum(steps).sum() / real, real)
+        ctx.u.addcmul_(ctx.u, steps, value=b)  # u (1 + b j)

@@ -32,9 +32,10 @@ class OrthoGrad(Technique):
             return
         g = ctx.g
         w = ctx.params32()
-        coef = torch.where(ctx.numels() > 1, ctx.tensor_dot(w, g) / (ctx.tensor_dot(w, w) + EPS), 0.0)
-        norm_before = ctx.tensor_norm(g)
-        proj = ctx.scratch("orthograd")
-        proj.copy_(w)
-        g.sub_(ctx.tensor_scale_(proj, coef))
-        ctx.tensor_scale_(g, norm_before / (ctx.tensor_norm(g) + EPS))
+        wg, ww, gg = ctx.tensor_dot(w, g), ctx.tensor_dot(w, w), ctx.tensor_dot(g, g)
+        coef = torch.where(ctx.numels() > 1, wg / (ww + EPS), 0.0)
+        # ||g_perp||^2 = gg - 2 coef wg + coef^2 ww, from the three dots: no second pass over the gradient
+        perp = (gg - 2.0 * coef * wg + coef.square() * ww).clamp_min_(0.0).sqrt_()
+        scale = gg.sqrt() / (perp + EPS)
+        ctx.tensor_scale_(g, scale)                       # g <- scale (g - coef w), in two passes
+        ctx.tensor_axpy_(g, w, -(scale * coef))
