@@ -196,6 +196,7 @@ def bench(tasks: list[str], optimizers: list[str], steps: int, seeds: int, multi
         runs.append(run_one(task, text, lr, seed, steps, eval_every, tb))
         bar.update(1)
     bar.close()
+    (out_dir / "runs.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))  # kept if a summary step fails
     summary = summarize(runs, tasks, optimizers)
     table = markdown(summary, steps, seeds, multipliers, skipped)
     (out_dir / "table.md").write_text(table)
@@ -233,8 +234,9 @@ def summarize(runs: list[Run], tasks: list[str], optimizers: list[str]) -> dict[
             best_lr = min(score, key=score.get)
             best_runs[text] = by_lr[best_lr]
             finals = [r.heldout[-1] for r in by_lr[best_lr]]
-            rows.append({"optimizer": text, "best_lr": best_lr, "final_mean": statistics.fmean(finals),
-                         "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            finite = math.isfinite(score[best_lr])  # False: it diverged at every lr of the sweep
+            rows.append({"optimizer": text, "best_lr": best_lr, "final_mean": statistics.fmean(finals) if finite else math.inf,
+                         "final_std": statistics.pstdev(finals) if finite and len(finals) > 1 else 0.0,
                          "ms_per_step": statistics.median(r.ms_per_step for r in by_lr[best_lr]),
                          "state_bytes_per_param": by_lr[best_lr][0].state_bytes_per_param,
                          "initial": statistics.fmean(r.heldout[0] for r in by_lr[best_lr]),
@@ -260,7 +262,8 @@ def markdown(summary: dict[str, list[dict]], steps: int, seeds: int, multipliers
         for row in sorted(rows, key=lambda r: r["final_mean"]):
             reached = row.get("steps_to_90")
             label = row["optimizer"] + (" (bf16 weights)" if weight_dtype(row["optimizer"]) != torch.float32 else "")
-            lines.append(f"| {label} | {row['best_lr']:.3g} | {row['final_mean']:.4g} ± {row['final_std']:.2g} | "
+            final = f"{row['final_mean']:.4g} ± {row['final_std']:.2g}" if math.isfinite(row["final_mean"]) else "diverged at every lr"
+            lines.append(f"| {label} | {row['best_lr']:.3g} | {final} | "
                          f"{reached if reached is not None else 'not reached'} | {row['ms_per_step']:.2f} | "
                          f"{row['state_bytes_per_param']:.2f} |")
         lines.append("")

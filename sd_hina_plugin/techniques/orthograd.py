@@ -32,10 +32,10 @@ class OrthoGrad(Technique):
             return
         g = ctx.g
         w = ctx.params32()
-        wg, ww, gg = ctx.tensor_dot(w, g), ctx.tensor_dot(w, w), ctx.tensor_dot(g, g)
+        wg, ww = ctx.tensor_dot(w, g), ctx.tensor_dot(w, w)
         coef = torch.where(ctx.numels() > 1, wg / (ww + EPS), 0.0)
-        # ||g_perp||^2 = gg - 2 coef wg + coef^2 ww, from the three dots: no second pass over the gradient
-        perp = (gg - 2.0 * coef * wg + coef.square() * ww).clamp_min_(0.0).sqrt_()
-        scale = gg.sqrt() / (perp + EPS)
-        ctx.tensor_scale_(g, scale)                       # g <- scale (g - coef w), in two passes
-        ctx.tensor_axpy_(g, w, -(scale * coef))
+        norm_before = ctx.tensor_norm(g)
+        ctx.tensor_axpy_(g, w, -coef)                     # g - coef w, one pass
+        # the norm after is measured, not derived from the dots: when g is nearly parallel to w the derived
+        # value cancels to ~0 while the computed g_perp keeps rounding noise, and the rescale would blow it up
+        ctx.tensor_scale_(g, norm_before / (ctx.tensor_norm(g) + EPS))

@@ -356,3 +356,15 @@ def test_resume_in_every_phase(cls, save_at):
     train(model2, opt2, data, 6, start=save_at)
     for p, q in zip(trainable(model), trainable(model2)):
         assert torch.equal(p, q)
+
+
+def test_orthograd_with_a_gradient_parallel_to_the_weights_stays_bounded():
+    """The Rosenbrock valley made the gradient parallel to the weights: a rescale derived from dot products
+    cancelled to ~0 there and blew the rounding noise of g_perp up to inf (regression)."""
+    p = torch.nn.Parameter(torch.tensor([-1.41, 1.99]))
+    opt = Automagic_CameAMP([p], lr=1e-3)
+    start = p.detach().clone()
+    for _ in range(60):
+        p.grad = 3.0 * p.detach() + torch.tensor([1e-7, -1e-7])
+        opt.step()
+    assert torch.isfinite(p).all() and (p.detach() - start).abs().max() < 0.1
