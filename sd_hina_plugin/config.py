@@ -154,7 +154,7 @@ class Field:
         if self.kind == "floats":
             return "(" + ", ".join(repr(float(v)) for v in value) + ")"
         if self.kind == "ints":
-            return "(" + ", ".join(str(int(v)) for v in value) + ",)"
+            return "(" + ", ".join(str(int(v)) for v in value) + ("," if len(value) == 1 else "") + ")"
         return repr(value)
 
 
