@@ -368,3 +368,34 @@ def test_orthograd_with_a_gradient_parallel_to_the_weights_stays_bounded():
         p.grad = 3.0 * p.detach() + torch.tensor([1e-7, -1e-7])
         opt.step()
     assert torch.isfinite(p).all() and (p.detach() - start).abs().max() < 0.1
+
+
+def test_came_false_drops_the_second_moment_and_still_trains():
+    """came=False: no v (no exp_avg_sq slots); the raw gradient enters the momentum and the confidence
+    residual alone normalises the step, so the update stays O(1) whatever the gradient scale."""
+    for scale in (1e-4, 1e2):
+        model, data = lora_problem()
+        params = trainable(model)
+        opt = Automagic_CameAMP(params, lr=1e-3, came=False)
+        assert not any(k.startswith("exp_avg_sq") for p in params for k in opt.state[p])  # state made lazily
+        start = [p.detach().clone() for p in params]
+        for i in range(30):
+            x, y = data[i % len(data)]
+            opt.zero_grad(set_to_none=True)
+            (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+            opt.step()
+        assert not any(k.startswith("exp_avg_sq") for p in params for k in opt.state[p])
+        step_rms = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)]).pow(2).mean().sqrt().item()
+        assert 1e-4 < step_rms / (30 * 1e-3) < 10, (scale, step_rms)  # scale-free, like the came=True path
+
+
+def test_full_finetune_drops_allora():
+    named = named_params()
+    grads = gradients([p for _, p in named], 6)
+    lora_mode = run(Automagic_CameAMP, named_params(), grads, **HP)
+    full = run(Automagic_CameAMP, named_params(), grads, full_finetune=True, **HP)
+    assert "allora_rows" in [t.name for t in lora_mode.techniques(lora_mode.param_groups[0])]
+    assert "allora_rows" not in [t.name for t in full.techniques(full.param_groups[0])]
+    zero_b = 3  # the zero-initialised conv up factor: ALLoRA moves its zero rows eta = 2 times faster
+    moved = [(o.param_groups[0]["params"][zero_b].detach().abs().mean()).item() for o in (lora_mode, full)]
+    assert moved[0] == pytest.approx(2.0 * moved[1], rel=0.05)
