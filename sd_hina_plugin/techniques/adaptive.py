@@ -212,32 +212,49 @@ class LrMask(Technique):
         lr0 = group.get("hina_lr0", group["lr"])
         return 1.0 + self.delta(group, lr0) * opt.state[p]["lr_mask.steps"].float()
 
+    # -- what subclasses with another storage or polarity replace ----------------------------------------------
+    def agreement(self, ctx) -> torch.Tensor:
+        """Where this step's gradient sign equals the previous step's (bool); records this step's signs."""
+        current = torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")).to(torch.int8)
+        sign = ctx.state("lr_mask.sign")
+        agree = torch.eq(current, sign)
+        sign.copy_(current)
+        return agree
+
+    def read_steps(self, ctx, lr0: float) -> torch.Tensor:
+        """The lattice counts ``j`` (int16), updated in place by :meth:`run`."""
+        return ctx.state("lr_mask.steps")
+
+    def write_steps(self, ctx, steps: torch.Tensor, lr0: float) -> None:
+        """Store the updated counts (nothing to do when :meth:`read_steps` returned the storage itself)."""
+
+    def bounds(self, ctx, delta: float, lr0: float) -> tuple[int, int]:
+        return lattice_bounds(delta, ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
+
+    # -- the step -------------------------------------------------------------------------------------------
     def run(self, ctx) -> None:
         hp = ctx.hp
         lr0 = hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit
         if lr0 <= 0:
             return
-        steps, sign = ctx.state("lr_mask.steps"), ctx.state("lr_mask.sign")
         delta = self.delta(hp, lr0)
-        lo, hi = hp["min_lr"] / lr0, hp["max_lr"] / lr0
-        if ctx.step <= hp["warmup_steps"]:
-            current = torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")).to(torch.int8)
-            if ctx.step > 1 and delta > 0:  # the first step only records the signs
-                up, down = self.bumps(ctx, self.units(hp))
-                agree = torch.eq(current, sign)  # the sign held (+up) or flipped (-down)
-                if isinstance(up, int):
-                    steps.add_(agree, alpha=up + down).sub_(down)
-                else:  # per-tensor bumps (int16 vectors)
-                    change = agree.to(torch.int16)
-                    for b in ctx.pack.buckets:
-                        part = slice(b.first, b.first + b.count)
-                        b.rows(change).mul_((up + down)[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
-                    steps.add_(change)
-                steps.clamp_(*lattice_bounds(delta, lo, hi))
-            sign.copy_(current)
+        agree = self.agreement(ctx) if ctx.step <= hp["warmup_steps"] else None
         if delta == 0:  # no bumps: the multiplier is 1, kept within the bounds
-            ctx.u.mul_(min(max(1.0, lo), hi))
+            ctx.u.mul_(min(max(1.0, hp["min_lr"] / lr0), hp["max_lr"] / lr0))
             return
+        steps = self.read_steps(ctx, lr0)
+        if agree is not None and ctx.step > 1:  # the first step only records the signs
+            up, down = self.bumps(ctx, self.units(hp))  # the sign held: +up; it flipped: -down
+            if isinstance(up, int):
+                steps.add_(agree, alpha=up + down).sub_(down)
+            else:  # per-tensor bumps (int16 vectors)
+                change = agree.to(torch.int16)
+                for b in ctx.pack.buckets:
+                    part = slice(b.first, b.first + b.count)
+                    b.rows(change).mul_((up + down)[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
+                steps.add_(change)
+            steps.clamp_(*self.bounds(ctx, delta, lr0))
+            self.write_steps(ctx, steps, lr0)
         count = ctx.scratch("mask_mult").copy_(steps)
         if ctx.step <= hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
             # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)

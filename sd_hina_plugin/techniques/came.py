@@ -45,7 +45,7 @@ import torch
 from ..config import Field
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
-from .adaptive import lattice_bounds
+from .adaptive import LR_BUMP, MAX_LR, MIN_LR, LrMask, lattice_bounds
 
 BETAS = Field("betas", "floats", (0.8, 0.99, 0.999),
               "(b1, b2, b3): momentum, CAME's second moment, the confidence residual.", low=0.0, high=1.0, high_open=True, length=3)
@@ -272,14 +272,12 @@ class ElementAdaDecay(Technique):
             b.rows(ctx.u).addcmul_(rows, b.rows(theta), value=2.0 * wd)
 
 
-class LatticeLrMask(Technique):
-    """The automagic per-element lr multiplier (relative to the group's first lr ``lr0``), kept exactly.
-
-    The mask only ever moves by ``±b``, ``b = lr_bump / lr0``, from its start value 1, so it is stored as the
-    integer number of bumps ``j``: multiplier ``1 + b j``, with ``j`` clamped to the lattice points within
-    ``[min_lr, max_lr] / lr0``. This is exact (no rounding can swallow a bump, unlike a quantized or bf16
-    mask) and needs no random numbers. While ``2 <= t <= W`` each element steps +1 where ``g > 0`` agrees with
-    the previous step's polarity, -1 where it flips; after W it is frozen.
+class LatticeLrMask(LrMask):
+    """The automagic per-element lr multiplier of the CameAMP family (relative to the group's first lr ``lr0``),
+    kept exactly as :class:`~sd_hina_plugin.techniques.adaptive.LrMask` keeps it: the integer number of bumps
+    ``j``, multiplier ``1 + b j``, ``b = lr_bump / lr0``, with ``j`` clamped to the lattice points within
+    ``[min_lr, max_lr] / lr0``. While ``2 <= t <= W`` each element steps +1 where ``g > 0`` agrees with the
+    previous step's polarity (the seed's rule), -1 where it flips; after W it is frozen.
 
     Storage: int16 ``lr_mask.steps`` and an int8 polarity; in 8-bit packs a uint8 code ``j mod 256`` for a
     256-point window ``[j_lo, j_lo + 255]`` of the lattice that contains the start (see :meth:`window`;
@@ -287,13 +285,11 @@ class LatticeLrMask(Technique):
     bits: 1.125 B/param.
     """
 
-    name = "lr_mask"
-    stage = "scale"
-    fields = (Field("lr_bump", "float", 3e-6, "Step of the lr mask, in lr units (relative to the group's first lr).", low=0.0),
-              Field("min_lr", "float", 1e-7, "Lower bound of the masked lr (relative to the group's first lr).", low=0.0),
-              Field("max_lr", "float", 1e-3, "Upper bound of the masked lr (relative to the group's first lr).", low=0.0),
-              WARMUP)
+    fields = (LR_BUMP, MIN_LR, MAX_LR, WARMUP)
     summary = "automagic lr mask: exact lattice of +-lr_bump/lr0 steps by gradient-sign agreement while t <= W, frozen after"
+
+    def __init__(self):
+        super().__init__(switch=None)
 
     def slots_for(self, hp, pack):
         if pack.quantized:
@@ -309,11 +305,10 @@ class LatticeLrMask(Technique):
         return (b, *lattice_bounds(b, hp["min_lr"] / lr0, hp["max_lr"] / lr0))
 
     def mask_of(self, opt, group, p) -> torch.Tensor:
-        """The multiplier of parameter ``p`` (fp32, relative to the group's lr)."""
-        lr0 = group.get("hina_lr0", group["lr"])
         state = opt.state[p]
-        j = self.decode(state["lr_mask.code"], group) if "lr_mask.code" in state else state["lr_mask.steps"]
-        return 1.0 + self.lattice(group, lr0)[0] * j.float()
+        if "lr_mask.code" not in state:
+            return super().mask_of(opt, group, p)
+        return 1.0 + self.lattice(group, group["hina_lr0"])[0] * self.decode(state["lr_mask.code"], group).float()
 
     @classmethod
     def window(cls, hp, lr0: float) -> tuple[int, int]:
@@ -335,7 +330,22 @@ class LatticeLrMask(Technique):
         lo = cls.window(hp, hp["hina_lr0"])[0]
         return torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
 
-    # -- polarity ---------------------------------------------------------------------------------------------
+    # -- storage of j in 8-bit packs ---------------------------------------------------------------------------
+    def read_steps(self, ctx, lr0: float) -> torch.Tensor:
+        return self.decode(ctx.state("lr_mask.code"), ctx.hp) if ctx.pack.quantized else super().read_steps(ctx, lr0)
+
+    def write_steps(self, ctx, steps: torch.Tensor, lr0: float) -> None:
+        if ctx.pack.quantized:
+            ctx.state("lr_mask.code").copy_(torch.remainder(steps, 256))
+
+    def bounds(self, ctx, delta: float, lr0: float) -> tuple[int, int]:
+        j_min, j_max = super().bounds(ctx, delta, lr0)
+        if not ctx.pack.quantized:
+            return j_min, j_max
+        lo, hi = self.window(ctx.hp, lr0)
+        return max(j_min, lo), min(j_max, hi)
+
+    # -- polarity (g > 0) ----------------------------------------------------------------------------------------
     @staticmethod
     def _positive(ctx) -> torch.Tensor:
         return torch.gt(ctx.g, 0.0, out=ctx.scratch("mask_pos", torch.bool))
@@ -350,52 +360,17 @@ class LatticeLrMask(Technique):
         shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
         return packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1).bool()
 
-    def record(self, ctx) -> None:
+    def record(self, ctx, pos: torch.Tensor | None = None) -> None:
         """Store this step's gradient polarity (g > 0)."""
-        pos = self._positive(ctx)
+        pos = self._positive(ctx) if pos is None else pos
         if ctx.pack.quantized:
             self._pack_bits(pos, ctx.state("lr_mask.polarity"))
         else:
             ctx.state("lr_mask.polarity").copy_(pos)
 
-    def _agreement(self, ctx) -> torch.Tensor:
-        """+1 where the polarity held, -1 where it flipped (int16), and the new polarity recorded."""
+    def agreement(self, ctx) -> torch.Tensor:
         pos = self._positive(ctx)
         stored = ctx.state("lr_mask.polarity")
-        previous = self._unpack_bits(stored) if ctx.pack.quantized else stored.bool()
-        step = torch.eq(pos, previous).to(torch.int16).mul_(2).sub_(1)
-        if ctx.pack.quantized:
-            self._pack_bits(pos, stored)
-        else:
-            stored.copy_(pos)
-        return step
-
-    # -- the step ---------------------------------------------------------------------------------------------
-    def run(self, ctx) -> None:
-        hp = ctx.hp
-        lr0 = hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit
-        if lr0 <= 0:
-            return
-        b, j_min, j_max = self.lattice(hp, lr0)
-        learning = ctx.step <= hp["warmup_steps"]
-        step = self._agreement(ctx) if learning else None
-        if b == 0:  # no bumps: the multiplier is 1 kept within the bounds
-            lo, hi = hp["min_lr"] / lr0, hp["max_lr"] / lr0
-            ctx.u.mul_(min(max(1.0, lo), hi))
-            return
-        if ctx.pack.quantized:
-            code = ctx.state("lr_mask.code")
-            lo, hi = self.window(hp, lr0)
-            j = self.decode(code, hp)
-            if step is not None:
-                j.add_(step).clamp_(max(j_min, lo), min(j_max, hi))
-                code.copy_(torch.remainder(j, 256))
-        else:
-            j = ctx.state("lr_mask.steps")
-            if step is not None:
-                j.add_(step).clamp_(j_min, j_max)
-        steps = ctx.scratch("mask_mult").copy_(j)
-        if learning or id(ctx.pack) not in ctx.opt.mask_means:  # the mean, for hina/avg_lr (frozen masks: once)
-            real = sum(p.numel() for p in ctx.pack.params)
-            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + b * ctx.tensor_sum(steps).sum() / real, real)
-        ctx.u.addcmul_(ctx.u, steps, value=b)  # u (1 + b j)
+        agree = torch.eq(pos, self._unpack_bits(stored) if ctx.pack.quantized else stored.bool())
+        self.record(ctx, pos)
+        return agree
