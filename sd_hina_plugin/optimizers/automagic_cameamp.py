@@ -45,18 +45,10 @@ MIN_8BIT = Field("min_8bit_size", "int", 4096, "Tensors with fewer elements keep
 DEFAULTS = {"lr": 1e-6, "weight_decay": 5e-4, "warmup_steps": 500, "low_precision_update": "stochastic"}
 
 
-class _OrthoGradEarly(OrthoGrad):
-    """OrthoGrad on the raw gradient while t < W/2 (the seed's early phase)."""
-
-    def run(self, ctx) -> None:
-        if ctx.step < ctx.hp["warmup_steps"] / 2:
-            super().run(ctx)
-
-
 def _techniques(context: bool) -> tuple:
     probe = (ContextProbe(),) if context else ()
     scale = (ContextScale(),) if context else ()
-    return (_OrthoGradEarly(), AGR(), CameSecondMoment(), *probe, CameMomentum(), CameConfidence(), GramsBlend(),
+    return (OrthoGrad(phase="first_half"), AGR(), CameSecondMoment(), *probe, CameMomentum(), CameConfidence(), GramsBlend(),
             ElementAdaDecay(), LatticeLrMask(), AllLoraRowScale(ETA, switch=FULL, switch_on=False), *scale, WriteParams())
 
 
@@ -68,10 +60,6 @@ class _CameAMPBase(HinaOptimizer):
 
     def _wants_8bit(self, group: dict[str, Any]) -> bool:  # type: ignore[override]
         return self.EIGHT_BIT
-
-    def _quantize_param(self, group):
-        threshold = group["min_8bit_size"] if self.EIGHT_BIT else 0
-        return lambda p: self.EIGHT_BIT and p.numel() >= threshold
 
     def step(self, closure=None):
         loss = super().step(closure)

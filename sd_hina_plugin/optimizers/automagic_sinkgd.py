@@ -42,7 +42,7 @@ class Automagic_Sinkgd(HinaOptimizer):  # noqa: N801 - the upstream name
 
     NAME = "Automagic_Sinkgd"
     TECHNIQUES = (
-        OrthoGrad(ORTHOGRAD, after_warmup=True), SinkgdFirstStep(), SinkgdDirection(),
+        OrthoGrad(ORTHOGRAD, phase="after_warmup"), SinkgdFirstStep(), SinkgdDirection(),
         VelocityRegularization(), ProdigyLrMask(switch=None), AllLoraRowScale(ETA, switch=FULL, switch_on=False),
         AdaptiveWeightDecay(), WriteParams(),
     )

@@ -23,12 +23,17 @@ class OrthoGrad(Technique):
     stage = "grad"
     summary = "project the gradient orthogonal to the weights, rescaled to the original norm (per tensor)"
 
-    def __init__(self, switch: Field | None = None, after_warmup: bool = False):
+    #: phases in which it runs, with t the group's step and W its warmup_steps
+    PHASES = {"always": lambda t, w: True,
+              "after_warmup": lambda t, w: t > w,      # Automagic_Sinkgd
+              "first_half": lambda t, w: t < w / 2}    # the Automagic_CameAMP family
+
+    def __init__(self, switch: Field | None = None, phase: str = "always"):
         super().__init__(switch)
-        self.after_warmup = after_warmup  # only once the group's step exceeds warmup_steps (Automagic_Sinkgd)
+        self.active = self.PHASES[phase]
 
     def run(self, ctx) -> None:
-        if self.after_warmup and ctx.step <= ctx.hp["warmup_steps"]:
+        if not self.active(ctx.step, ctx.hp.get("warmup_steps", 0)):
             return
         g = ctx.g
         w = ctx.params32()
