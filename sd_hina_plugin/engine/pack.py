@@ -152,43 +152,25 @@ class Pack:
     def key_views(self, key: str, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a storage buffer of the given key's kind."""
         kind = self.kinds.get(key, "elem")
-        if kind == "blocks":
-            return self.block_views(buf)
-        if kind == "tensor":
-            return self.tensor_views(buf)
-        if kind in ("rows", "cols", "bits"):
-            return self.factor_views(kind, buf)
-        return self.views(buf)
+        return self.views(buf) if kind == "elem" else self.kind_views(kind, buf)
 
-    def factor_views(self, kind: str, buf: torch.Tensor) -> list[torch.Tensor]:
-        """Per-parameter views of a "rows", "cols" or "bits" buffer."""
+    def spans(self, kind: str) -> list[tuple[int, int]]:
+        """(start, length) of each parameter's part of a buffer of a kind other than "elem"."""
+        if kind == "tensor":
+            return [(i, 1) for i in range(len(self.params))]
+        if kind in ("blocks", "bits"):
+            per = BLOCK if kind == "blocks" else 8
+            return [(o // per, padded(p.numel()) // per) for o, p in zip(self.offsets, self.params)]
+        starts = self.row_offsets if kind == "rows" else self.col_offsets
+        ends = starts[1:] + [self.total_rows if kind == "rows" else self.total_cols]
+        return [(a, b - a) for a, b in zip(starts, ends)]
+
+    def kind_views(self, kind: str, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a "tensor", "blocks", "rows", "cols" or "bits" buffer (cached)."""
         key = (buf.data_ptr(), buf.dtype, buf.numel(), kind)
         views = self._views.get(key)
         if views is None:
-            if kind == "bits":
-                spans = [(o // 8, padded(p.numel()) // 8) for o, p in zip(self.offsets, self.params)]
-            else:
-                starts = self.row_offsets if kind == "rows" else self.col_offsets
-                ends = starts[1:] + [self.total_rows if kind == "rows" else self.total_cols]
-                spans = [(a, b - a) for a, b in zip(starts, ends)]
-            views = [buf[a:a + n] for a, n in spans]
-            self._views[key] = views
-        return views
-
-    def tensor_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        key = (flat.data_ptr(), flat.dtype, flat.numel(), "tensor")
-        views = self._views.get(key)
-        if views is None:
-            views = [flat[i:i + 1] for i in range(len(self.params))]
-            self._views[key] = views
-        return views
-
-    def block_views(self, absmax: torch.Tensor) -> list[torch.Tensor]:
-        key = (absmax.data_ptr(), absmax.dtype, absmax.numel(), "blocks")
-        views = self._views.get(key)
-        if views is None:
-            views = [absmax[o // BLOCK:(o + padded(p.numel())) // BLOCK] for o, p in zip(self.offsets, self.params)]
-            self._views[key] = views
+            views = self._views[key] = [buf[a:a + n] for a, n in self.spans(kind)]
         return views
 
     def forget_views(self, data_ptrs: set[int] | None = None) -> None:

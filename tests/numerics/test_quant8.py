@@ -40,7 +40,7 @@ def test_flat_padded_layout_equals_per_tensor_bitsandbytes_blocks():
     codes = torch.empty(pack.total, dtype=torch.uint8)
     absmax = torch.empty(pack.total // quant8.BLOCK)
     quant8.quantize_(flat, codes, absmax, True)
-    for view, blocks, p in zip(pack.views(codes), pack.block_views(absmax), params):
+    for view, blocks, p in zip(pack.views(codes), pack.kind_views("blocks", absmax), params):
         ref_codes, ref_state = F.quantize_blockwise(p.detach(), code=quant8.qmap(True, p.device), blocksize=quant8.BLOCK)
         assert torch.equal(view, ref_codes)
         assert torch.equal(blocks, ref_state.absmax)
