@@ -123,10 +123,12 @@ class Context:
             target = torch.where(edge, 0.5 * target, target)
         t["mult"].lerp_(target, hp["adaptation_rate"])
         t["consistency"].copy_(recent[:, 0].mean())
-        stats = self.opt._stats
-        stats["hina/coptim/lr_multiplier"] = t["mult"]
-        stats["hina/coptim/edge"] = t["edge"]
-        stats["hina/coptim/consistency"] = t["consistency"]
+        self._publish()
+
+    def _publish(self) -> None:
+        """Point the optimizer's stats() entries at the context tensors (read only when logged)."""
+        for key, name in (("lr_multiplier", "mult"), ("edge", "edge"), ("consistency", "consistency")):
+            self.opt._stats[f"hina/coptim/{key}"] = self.t[name]
 
     def _loss_trend(self, t: dict[str, torch.Tensor]) -> torch.Tensor | float:
         if self.losses < 2:
@@ -194,8 +196,7 @@ class Context:
         self.steps, self.losses = int(saved["steps"]), int(saved["losses"])
         self._ensure(device)
         if self.steps:  # keep the stats() entries pointing at the restored tensors
-            for key, name in (("lr_multiplier", "mult"), ("edge", "edge"), ("consistency", "consistency")):
-                self.opt._stats[f"hina/coptim/{key}"] = self.t[name]
+            self._publish()
 
 
 class ContextProbe(Technique):
