@@ -351,26 +351,33 @@ class LatticeLrMask(LrMask):
         return torch.gt(ctx.g, 0.0, out=ctx.scratch("mask_pos", torch.bool))
 
     @staticmethod
-    def _pack_bits(bits: torch.Tensor, out: torch.Tensor) -> None:
-        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
-        torch.sum(bits.view(-1, 8).to(torch.uint8).mul_(weights), dim=1, dtype=torch.uint8, out=out)
+    def _shifts(ctx) -> torch.Tensor:
+        """0..7 as uint8 on the pack's device, made once per pack (not a host-to-device copy every step)."""
+        shifts = ctx.pack.derived.get("mask_bit_shifts")
+        if shifts is None:
+            shifts = ctx.pack.derived["mask_bit_shifts"] = torch.arange(8, dtype=torch.uint8, device=ctx.pack.device)
+        return shifts
 
-    @staticmethod
-    def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
-        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-        return packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1).bool()
+    @classmethod
+    def _pack_bits(cls, ctx, bits: torch.Tensor, out: torch.Tensor) -> None:
+        shifted = bits.view(-1, 8).to(torch.uint8).bitwise_left_shift_(cls._shifts(ctx))
+        torch.sum(shifted, dim=1, dtype=torch.uint8, out=out)
+
+    @classmethod
+    def _unpack_bits(cls, ctx, packed: torch.Tensor) -> torch.Tensor:
+        return packed.unsqueeze(1).bitwise_right_shift(cls._shifts(ctx)).bitwise_and_(1).view(-1).bool()
 
     def record(self, ctx, pos: torch.Tensor | None = None) -> None:
         """Store this step's gradient polarity (g > 0)."""
         pos = self._positive(ctx) if pos is None else pos
         if ctx.pack.quantized:
-            self._pack_bits(pos, ctx.state("lr_mask.polarity"))
+            self._pack_bits(ctx, pos, ctx.state("lr_mask.polarity"))
         else:
             ctx.state("lr_mask.polarity").copy_(pos)
 
     def agreement(self, ctx) -> torch.Tensor:
         pos = self._positive(ctx)
         stored = ctx.state("lr_mask.polarity")
-        agree = torch.eq(pos, self._unpack_bits(stored) if ctx.pack.quantized else stored.bool())
+        agree = torch.eq(pos, self._unpack_bits(ctx, stored) if ctx.pack.quantized else stored.bool())
         self.record(ctx, pos)
         return agree
