@@ -2,15 +2,22 @@
 
 For a LoRA pair ``ΔW = B A`` (B: out x r, A: r x in; conv kernels viewed as matrices):
 
-    ||(B A)_i,:||^2 = b_i (A A^T) b_i^T        (row i of ΔW, from B and the r x r Gram matrix of A)
-    ||X Y||_F^2     = sum((X^T X) ⊙ (Y Y^T))    (both r x r)
+    ||(B A)_i,:|| = ||b_i L||     with L L^T = A A^T (the r x r Gram matrix of A, Cholesky-factored)
+    ||X Y||_F^2   = sum((X^T X) ⊙ (Y Y^T))    (both r x r)
 
-Both are evaluated in float64. In fp32 the Gram form loses about sqrt(eps32) * ||b_i|| ||A|| = 3e-4 ||b_i|| ||A||
-of absolute accuracy, so a small row of B A came out as 0 or as noise; in float64 the loss is about
-1.5e-8 ||b_i|| ||A||, below what rounding the fp32 factors themselves already costs (6e-8 ||b_i|| ||A||). A batched QR of A^T would be as
-accurate in fp32, but CUDA's QR runs one solver call per matrix for tall matrices, so its kernel launches
-would grow with the number of modules; the float64 Gram form stays a few batched matmuls. MPS has no
-float64: there the form runs in fp32, with the loss above.
+Row norms: the Gram matrix is formed in float64 (from the fp32 factors, so it is exact to ~1e-16), factored
+by Cholesky in float64, and ``b_i L`` is evaluated in fp32. The norm of a vector computed with rounding
+error e is off by at most ||e|| = O(eps32 ||b_i|| ||A||): the same order as what rounding the fp32 factors
+themselves already costs. The direct quadratic form ``b_i (A A^T) b_i^T`` has no such guarantee: its terms
+cancel when a row of B A nearly vanishes, and in fp32 it loses ``sqrt(eps32) ||b_i|| ||A|| = 3e-4 ||b_i|| ||A||``
+(a small row came out as 0 or as noise). Only the r x r Gram matrix needs float64; the out x r product
+runs in fp32, which is why this costs about a third of a float64 quadratic form on CPU. A rank-deficient A
+makes the Gram matrix only semi-definite: it is factored with a jitter ``1e-13 tr(G)`` on the diagonal
+(adding at most ``3.2e-7 ||b_i|| ||A||_F`` to a norm), and where even that fails (a matrix computed with
+unusually large rounding) with ``1e-6 tr(G)``; the choice is made on device per module (no host sync).
+A batched QR of A^T would avoid the jitter, but CUDA's QR runs one solver call per matrix for tall
+matrices, so its kernel launches would grow with the number of modules. MPS has no float64: there the
+quadratic form runs in fp32, with the loss above.
 
 For a Kronecker product ``ΔW = w1 ⊗ w2``: ``||w1 ⊗ w2||_F = ||w1||_F ||w2||_F``.
 
@@ -23,24 +30,34 @@ from __future__ import annotations
 import torch
 
 
-def as_matrices(tensors: list[torch.Tensor], buffers: dict | None = None, key: str = "") -> torch.Tensor:
-    """Stack same-shape tensors as a ``(k, rows, cols)`` fp32 batch (conv kernels flattened after dim 0).
+def as_matrices(tensors: list[torch.Tensor], buffers: dict | None = None, key: str = "",
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stack same-shape tensors as a ``(k, rows, cols)`` batch of ``dtype`` (conv kernels flattened after dim 0).
 
-    With ``buffers``, the stack is written into a buffer kept there under ``key`` and reused next time."""
+    With ``buffers``, the stack is written into a buffer kept there under ``key`` and reused next time (one
+    converting copy, no allocation: a fresh 20 MB float64 buffer per step cost more than the arithmetic)."""
     first = tensors[0]
     shape = (len(tensors), *first.shape)
-    if buffers is not None and first.dtype == torch.float32:
-        stacked = torch.stack(tensors, out=_buffer(buffers, key, shape, first))
+    if buffers is not None:
+        stacked = _buffer(buffers, key, shape, first, dtype)
+        if first.dtype == dtype:
+            torch.stack(tensors, out=stacked)
+        else:
+            views = buffers.get(key + ".views")
+            if views is None or views[0] is not stacked:
+                views = buffers[key + ".views"] = (stacked, stacked.unbind(0))
+            torch._foreach_copy_(list(views[1]), tensors)
     else:
-        stacked = torch.stack(tensors).float()
+        stacked = torch.stack(tensors).to(dtype)
     return stacked.view(shape[0], shape[1] if len(shape) > 1 else 1, -1)
 
 
-def _buffer(buffers: dict, key: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """The buffer kept in ``buffers`` under ``key``, (re)allocated when its shape differs."""
+def _buffer(buffers: dict, key: str, shape: tuple, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The buffer kept in ``buffers`` under ``key``, (re)allocated when its shape or dtype differs."""
+    dtype = like.dtype if dtype is None else dtype
     out = buffers.get(key)
-    if out is None or out.shape != shape:
-        out = buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if out is None or out.shape != shape or out.dtype != dtype:
+        out = buffers[key] = torch.empty(shape, dtype=dtype, device=like.device)
     return out
 
 
@@ -53,15 +70,32 @@ def _by_shapes(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
 
 def _exact(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the precision the Gram forms are evaluated in (float64; fp32 on MPS, which lacks float64)."""
-    return t if t.device.type == "mps" else t.double()
+    return t.to(exact_dtype(t.device))
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the Gram matrices are formed in: float64, or fp32 on MPS (which lacks float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def batched_row_norms(b: torch.Tensor, a: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
-    """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out), fp32."""
-    a, b = _exact(a), _exact(b)
-    gram = torch.bmm(a, a.transpose(1, 2))
-    bg = torch.bmm(b, gram) if buffers is None else torch.bmm(b, gram, out=_buffer(buffers, "bg", b.shape, b))
-    return bg.mul_(b).sum(-1).clamp_min_(0).sqrt_().float()
+    """Row norms of ``b[i] @ a[i]`` for batches ``b`` (k, out, r) and ``a`` (k, r, in): shape (k, out), fp32.
+
+    ``a`` may already be float64 (``as_matrices(..., dtype=torch.float64)`` stacks it so in one copy)."""
+    if b.device.type == "mps":  # no float64: the quadratic form in fp32
+        gram = torch.bmm(a.float(), a.float().transpose(1, 2))
+        b = b.float()
+        return torch.bmm(b, gram).mul_(b).sum(-1).clamp_min_(0).sqrt_()
+    a = _exact(a)
+    gram = torch.bmm(a, a.transpose(1, 2))  # (k, r, r), float64
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=1, dim2=2).sum(-1).view(-1, 1, 1) * eye  # tr(G) I
+    factor, info = torch.linalg.cholesky_ex(gram + scale * 1e-13 + eye * 1e-300)
+    robust, _ = torch.linalg.cholesky_ex(gram + scale * 1e-6 + eye * 1e-300)
+    factor = torch.where((info == 0).view(-1, 1, 1), factor, robust).to(torch.float32)
+    b = b.float()
+    bl = torch.bmm(b, factor) if buffers is None else torch.bmm(b, factor, out=_buffer(buffers, "bl", b.shape, b))
+    return torch.linalg.vector_norm(bl, dim=-1)
 
 
 def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:

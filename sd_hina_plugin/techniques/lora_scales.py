@@ -28,7 +28,7 @@ import torch
 
 from ..config import Field
 from ..engine.technique import Technique
-from ..lora.factors import as_matrices, batched_row_norms, product_fro_norms
+from ..lora.factors import as_matrices, batched_row_norms, exact_dtype, product_fro_norms
 from ..lora.layout import ZERO_INIT_ROLES
 from ..lora.names import Role
 
@@ -90,7 +90,8 @@ class AloraRowScale(Technique):
         scales: dict[int, torch.Tensor] = {}
         for index, (bs, as_) in enumerate(plan["classes"]):  # one batch per shape class
             buffers = plan["buffers"].setdefault(index, {})  # persistent: no 10 MB allocations per step
-            rows = batched_row_norms(as_matrices(bs, buffers, "b"), as_matrices(as_, buffers, "a"), buffers)
+            a = as_matrices(as_, buffers, "a", exact_dtype(as_[0].device))  # stacked in float64 for the Gram matrix
+            rows = batched_row_norms(as_matrices(bs, buffers, "b"), a, buffers)
             b_shape = (rows.shape[0], rows.shape[1], *([1] * (bs[0].dim() - 1)))
             scales.update(zip(map(id, bs), (1.0 / (1.0 + rows)).view(b_shape).unbind(0)))
             scales.update(zip(map(id, as_), (1.0 / (1.0 + rows.mean(-1))).unbind(0)))
