@@ -17,7 +17,9 @@ class StepContext:
     """Flat fp32 tensors of one pack for one step.
 
     ``g``            the gathered gradient (fp32, flat, padding zero)
-    ``u``            the update direction techniques build (fp32, flat scratch)
+    ``u``            the update direction techniques build (fp32, flat scratch); ``set_u(src)`` makes it a
+                     copy of ``src`` made on first use, so a technique that reads ``src`` anyway can write
+                     ``u_buffer`` directly (``take_u_source``) and save the copy pass
     ``state(name)``  a state slot as an fp32 flat tensor (dequantized for 8-bit packs, written back after)
     ``lr``           the group's learning rate as set by the scheduler (``group["lr"]``)
     ``step``         the group's step count, starting at 1 (host int: phase switches cost no sync)
@@ -35,7 +37,9 @@ class StepContext:
         self.step: int = group["step"]
         self.g = g
         self._states = states
-        self.u: torch.Tensor = opt._scratch("u", pack)
+        #: the update direction's buffer; read it through ``u`` (which first fills it from a pending source)
+        self.u_buffer: torch.Tensor = opt._scratch("u", pack)
+        self._u_source: torch.Tensor | None = None
         #: what the first moment accumulates (ADOPT normalizes it, TAM weights it); the gradient by default
         self.m_in: torch.Tensor = g
         self.step_scale = 1.0
@@ -51,6 +55,23 @@ class StepContext:
         self._p32: torch.Tensor | None = None
         #: bf16 slots changed this step (techniques call ``touch``)
         self.dirty: set[str] = set()
+
+    @property
+    def u(self) -> torch.Tensor:
+        if self._u_source is not None:
+            self.u_buffer.copy_(self._u_source)
+            self._u_source = None
+        return self.u_buffer
+
+    def set_u(self, source: torch.Tensor) -> None:
+        """``u = source`` (e.g. ADOPT's ``u = m``), copied only when ``u`` is next read."""
+        self._u_source = source
+
+    def take_u_source(self) -> torch.Tensor | None:
+        """The pending source of ``u`` if ``set_u`` was called and ``u`` not read since (the caller must then
+        write all of ``u_buffer`` itself), else None (``u`` holds the direction)."""
+        source, self._u_source = self._u_source, None
+        return source
 
     @property
     def buckets(self) -> list["Bucket"]:

@@ -31,9 +31,8 @@ class AdoptScale(Technique):
             ctx.touch("exp_avg_sq")
             ctx.done = True
             return
-        x = ctx.scratch("adopt_x")
-        torch.sqrt(v, out=x).clamp_(min=ctx.hp["eps"])
-        torch.div(g, x, out=x)
+        # g / max(sqrt(v), eps) as g * rsqrt(max(v, eps^2)): the same value, passes that stay in place
+        x = torch.clamp_min(v, ctx.hp["eps"] ** 2, out=ctx.scratch("adopt_x")).rsqrt_().mul_(g)
         clip = ctx.step ** 0.25
         x.clamp_(-clip, clip)
         ctx.m_in = x
@@ -45,4 +44,4 @@ class AdoptDirection(Technique):
     summary = "ADOPT: u = m"
 
     def run(self, ctx) -> None:
-        ctx.u.copy_(ctx.state("exp_avg"))
+        ctx.set_u(ctx.state("exp_avg"))  # copied when u is next read (Grams reads m directly instead)

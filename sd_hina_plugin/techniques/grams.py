@@ -18,4 +18,6 @@ class Grams(Technique):
     summary = "u <- |u| sign(g)"
 
     def run(self, ctx) -> None:
-        ctx.u.abs_().mul_(torch.sign(ctx.g, out=ctx.scratch("grams")))
+        source = ctx.take_u_source()  # u = m pending (ADOPT): |m| straight into u, no copy first
+        magnitude = ctx.u.abs_() if source is None else torch.abs(source, out=ctx.u_buffer)
+        magnitude.mul_(torch.sign(ctx.g, out=ctx.scratch("grams")))

@@ -200,15 +200,18 @@ def test_fsdp2_dtensor_parameters_are_rejected_clearly(tmp_path):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_add_param_group_after_steps_keeps_existing_state(spec):
+    # seeded, and lr 1e-2: at 1e-3 the new group's two updates (its first step only initialises ADOPT's v)
+    # moved no element of a 64-element bf16 tensor in about one run in ten (bf16 ulp at 1 is 0.008)
+    torch.manual_seed(0)
     dtype = param_dtype(spec.name)
     a = torch.nn.Parameter(torch.randn(8, 8, dtype=dtype))
     b = torch.nn.Parameter(torch.randn(8, 8, dtype=dtype))
-    opt = spec.cls([a], lr=1e-3)
+    opt = spec.cls([a], lr=1e-2)
     for _ in range(3):
         a.grad = torch.randn_like(a)
         opt.step()
     before = {k: v.clone() for k, v in opt.state[a].items() if isinstance(v, torch.Tensor)}
-    opt.add_param_group({"params": [b], "lr": 1e-3})
+    opt.add_param_group({"params": [b], "lr": 1e-2})
     assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
     start = b.detach().clone()
     for _ in range(3):
