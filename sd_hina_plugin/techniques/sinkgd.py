@@ -150,16 +150,51 @@ class AdaptiveWeightDecay(Technique):
               Field("weight_decay", "float", 5e-4, "Strength of the adaptive weight decay.", low=0.0),
               Field("stats_update_freq", "int", 5, "Steps between refreshes of the weight-decay statistics.", low=1))
     slots = (Slot("adadecay.theta", per_tensor=True, init="ones"),)
-    summary = "AdaDecay per tensor: decay lr*wd*2*sigmoid(4 z), z of mean|g| among the group's tensors"
+    summary = "AdaDecay per tensor: decay lr*wd*2*sigmoid(4 z), z of mean|g| among the group's tensors (all its packs)"
+
+    def prepare(self, opt) -> None:
+        """On refresh steps (the first update step, then every ``stats_update_freq`` steps), ``z`` of every
+        tensor of each group, from all its packs at once: one ``_foreach_norm`` over the gradients. Tensors
+        with a non-finite gradient are left out of mu and sigma and keep their theta (their step is skipped)."""
+        for gi, group in enumerate(opt.param_groups):
+            step = group["step"] + 1  # the step about to run
+            if not self.enabled(group) or not group["weight_decay"] or (step - 2) % group["stats_update_freq"]:
+                continue
+            packs = opt._packs[gi]
+            params = [p for pack in packs for p in pack.params]
+            present = [p.grad is not None for p in params]
+            if not any(present):
+                continue
+            grads = [p.grad for p, ok in zip(params, present) if ok]
+            numels = torch.tensor([float(g.numel()) for g in grads], device=grads[0].device) \
+                if not all(present) else self._numels(packs)
+            mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)) / numels
+            finite = torch.isfinite(mean_abs)
+            count = finite.sum().clamp_min(1)
+            values = torch.where(finite, mean_abs, 0.0)
+            mu = values.sum() / count
+            sigma = (torch.where(finite, mean_abs - mu, 0.0).square().sum() / count).sqrt()
+            theta = torch.sigmoid((mean_abs - mu) / (sigma + 1e-12) * 4.0).mul_(2.0)
+            old = torch.cat([pack.storage["adadecay.theta"] for pack in packs])  # pack order, as ``params``
+            if all(present):
+                new = torch.where(finite, theta, old)
+            else:
+                new = old.clone()
+                index = torch.tensor([i for i, ok in enumerate(present) if ok], device=old.device)
+                new[index] = torch.where(finite, theta, old[index])
+            for pack, part in opt.per_tensor_slices(packs, new):
+                pack.storage["adadecay.theta"].copy_(part)
+
+    @staticmethod
+    def _numels(packs) -> torch.Tensor:
+        cached = packs[0].derived.get("group_numels")
+        if cached is None or cached[0] != len(packs):
+            values = torch.tensor([float(p.numel()) for pack in packs for p in pack.params], device=packs[0].device)
+            cached = packs[0].derived["group_numels"] = (len(packs), values)
+        return cached[1]
 
     def run(self, ctx) -> None:
         wd = ctx.hp["weight_decay"]
         if not wd:
             return
-        theta = ctx.state("adadecay.theta")
-        if (ctx.step - 2) % ctx.hp["stats_update_freq"] == 0:  # the first update step, then every freq steps
-            mean_abs = ctx.tensor_sum(torch.abs(ctx.g, out=ctx.scratch("adadecay"))) / ctx.numels()
-            mu, sigma = mean_abs.mean(), mean_abs.std(unbiased=False)
-            z = (mean_abs - mu) / (sigma + 1e-12)
-            theta.copy_(torch.sigmoid(4.0 * z).mul_(2.0))
-        ctx.decay = 1.0 - ctx.lr * wd * theta
+        ctx.decay = 1.0 - ctx.lr * wd * ctx.state("adadecay.theta")
