@@ -215,7 +215,7 @@ class LrMask(Technique):
     # -- what subclasses with another storage or polarity replace ----------------------------------------------
     def agreement(self, ctx) -> torch.Tensor:
         """Where this step's gradient sign equals the previous step's (bool); records this step's signs."""
-        current = torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")).to(torch.int8)
+        current = ctx.scratch("lr_mask_sign8", torch.int8).copy_(torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")))
         sign = ctx.state("lr_mask.sign")
         agree = torch.eq(current, sign)
         sign.copy_(current)

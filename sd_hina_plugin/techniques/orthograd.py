@@ -37,7 +37,7 @@ class OrthoGrad(Technique):
             return
         g = ctx.g
         w = ctx.params32()
-        wg, ww = ctx.tensor_dot(w, g), ctx.tensor_dot(w, w)
+        wg, ww = ctx.tensor_dot(w, g), ctx.tensor_norm(w).square_()  # a norm reads w once: faster than a dot with itself
         coef = torch.where(ctx.numels() > 1, wg / (ww + EPS), 0.0)
         norm_before = ctx.tensor_norm(g)
         ctx.tensor_axpy_(g, w, -coef)                     # g - coef w, one pass

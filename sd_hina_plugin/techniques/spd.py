@@ -74,6 +74,11 @@ class SelectiveProjectionDecay(Technique):
         """``out = decay * theta - lr * step_scale * u`` in two passes at most (one without decay)."""
         alpha = -ctx.lr * ctx.step_scale
         decay = ctx.effective_decay()
+        base = ctx.decay
+        if isinstance(decay, torch.Tensor) and isinstance(base, float) and base != 0.0:
+            # one decay d for the pack, 1 for skipped tensors (whose u is 0): (theta + (alpha/d) u) * decay_i,
+            # an in-place scale instead of a second three-operand pass
+            return ctx.tensor_scale_(torch.add(theta, u, alpha=alpha / base, out=out), decay)
         if isinstance(decay, torch.Tensor):
             return ctx.tensor_axpy_(torch.mul(u, alpha, out=out), theta, decay)
         if decay == 1.0:
