@@ -122,12 +122,8 @@ class StepContext:
         return y
 
     def numels(self) -> torch.Tensor:
-        """Element count of each tensor, ``(n_params,)`` fp32, on the device (built once per pack)."""
-        cached = self.pack.derived.get("numels")
-        if cached is None:
-            cached = torch.tensor([float(p.numel()) for p in self.pack.params], device=self.pack.device)
-            self.pack.derived["numels"] = cached
-        return cached
+        """Element count of each tensor, ``(n_params,)`` fp32, on the device (see :meth:`Pack.numels`)."""
+        return self.pack.numels()
 
     def params32(self) -> torch.Tensor:
         """The pack's current parameter values as a flat fp32 buffer (gathered once per step, padding zero)."""

@@ -128,6 +128,13 @@ class Pack:
         if pads:
             self.pad_index = torch.cat(pads).to(self.device)
 
+    def numels(self) -> torch.Tensor:
+        """Element count of each parameter, ``(n_params,)`` fp32, on the device (built once per pack)."""
+        cached = self.derived.get("numels")
+        if cached is None:
+            cached = self.derived["numels"] = torch.tensor([float(p.numel()) for p in self.params], device=self.device)
+        return cached
+
     @property
     def low_precision(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)

@@ -166,8 +166,10 @@ class AdaptiveWeightDecay(Technique):
             if not any(present):
                 continue
             grads = [p.grad for p, ok in zip(params, present) if ok]
-            numels = torch.tensor([float(g.numel()) for g in grads], device=grads[0].device) \
-                if not all(present) else self._numels(packs)
+            numels = torch.cat([pack.numels() for pack in packs])  # pack order, as ``params``
+            if not all(present):
+                index = torch.tensor([i for i, ok in enumerate(present) if ok], device=numels.device)
+                numels = numels[index]
             mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)) / numels
             finite = torch.isfinite(mean_abs)
             count = finite.sum().clamp_min(1)
@@ -180,18 +182,9 @@ class AdaptiveWeightDecay(Technique):
                 new = torch.where(finite, theta, old)
             else:
                 new = old.clone()
-                index = torch.tensor([i for i, ok in enumerate(present) if ok], device=old.device)
                 new[index] = torch.where(finite, theta, old[index])
             for pack, part in opt.per_tensor_slices(packs, new):
                 pack.storage["adadecay.theta"].copy_(part)
-
-    @staticmethod
-    def _numels(packs) -> torch.Tensor:
-        cached = packs[0].derived.get("group_numels")
-        if cached is None or cached[0] != len(packs):
-            values = torch.tensor([float(p.numel()) for pack in packs for p in pack.params], device=packs[0].device)
-            cached = packs[0].derived["group_numels"] = (len(packs), values)
-        return cached[1]
 
     def run(self, ctx) -> None:
         wd = ctx.hp["weight_decay"]

@@ -73,16 +73,12 @@ class SelectiveProjectionDecay(Technique):
     def decayed_step(ctx, theta: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out = decay * theta - lr * step_scale * u`` in two passes at most (one without decay)."""
         alpha = -ctx.lr * ctx.step_scale
-        decay = ctx.effective_decay()
-        base = ctx.decay
-        if isinstance(decay, torch.Tensor) and isinstance(base, float) and base != 0.0:
-            # one decay d for the pack, 1 for skipped tensors (whose u is 0): (theta + (alpha/d) u) * decay_i,
-            # an in-place scale instead of a second three-operand pass
-            return ctx.tensor_scale_(torch.add(theta, u, alpha=alpha / base, out=out), decay)
-        if isinstance(decay, torch.Tensor):
-            return ctx.tensor_axpy_(torch.mul(u, alpha, out=out), theta, decay)
-        if decay == 1.0:
+        decay, base = ctx.effective_decay(), ctx.decay
+        if not isinstance(decay, torch.Tensor) and decay == 1.0:
             return torch.add(theta, u, alpha=alpha, out=out)
-        if decay == 0.0:
-            return torch.mul(u, alpha, out=out)
-        return torch.add(theta, u, alpha=alpha / decay, out=out).mul_(decay)
+        if isinstance(base, float) and base != 0.0:
+            # one decay d for the pack (1 for skipped tensors, whose u is 0): (theta + (alpha/d) u) * decay,
+            # an in-place scale instead of a second three-operand pass
+            return ctx.decay_flat_(torch.add(theta, u, alpha=alpha / base, out=out), decay)
+        out = torch.mul(u, alpha, out=out)
+        return ctx.tensor_axpy_(out, theta, decay) if isinstance(decay, torch.Tensor) else out.add_(theta, alpha=decay)
