@@ -139,6 +139,20 @@ class Pack:
     def low_precision(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)
 
+    def runs(self, index: list[int]) -> list[tuple[int, int]]:
+        """The flat element ranges ``[start, end)`` covered by the parameters at ``index`` (sorted), adjacent
+        parameters merged: one slice per run instead of one view per parameter (padding between adjacent
+        8-bit segments included; it is zero in every flat buffer)."""
+        out: list[tuple[int, int]] = []
+        for i in sorted(index):
+            start = self.offsets[i]
+            end = self.offsets[i + 1] if i + 1 < len(self.offsets) else self.total
+            if out and out[-1][1] == start:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
     def views(self, flat: torch.Tensor, shaped: bool = True) -> list[torch.Tensor]:
         """Per-parameter views of a flat buffer of this pack's layout (cached: no ops after the first call)."""
         key = (flat.data_ptr(), flat.dtype, flat.numel(), shaped)

@@ -217,7 +217,7 @@ class LrMask(Technique):
         """Where this step's gradient sign equals the previous step's (bool); records this step's signs."""
         current = ctx.scratch("lr_mask_sign8", torch.int8).copy_(torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")))
         sign = ctx.state("lr_mask.sign")
-        agree = torch.eq(current, sign)
+        agree = torch.eq(current, sign, out=ctx.scratch("lr_mask_agree", torch.bool))
         sign.copy_(current)
         return agree
 
@@ -248,11 +248,10 @@ class LrMask(Technique):
             if isinstance(up, int):
                 steps.add_(agree, alpha=up + down).sub_(down)
             else:  # per-tensor bumps (int16 vectors)
-                change = agree.to(torch.int16)
-                for b in ctx.pack.buckets:
+                change = ctx.scratch("lr_mask_change", torch.int16).copy_(agree)
+                for b in ctx.pack.buckets:  # j += (up + down) * agree - down: 2x faster than building the change first
                     part = slice(b.first, b.first + b.count)
-                    b.rows(change).mul_((up + down)[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
-                steps.add_(change)
+                    b.rows(steps).addcmul_(b.rows(change), (up + down)[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
             steps.clamp_(*self.bounds(ctx, delta, lr0))
             self.write_steps(ctx, steps, lr0)
         count = ctx.scratch("mask_mult").copy_(steps)

@@ -211,9 +211,6 @@ class CameConfidence(Technique):
         correction = 1.0 / (1.0 - b3 ** (ctx.step - 1))  # residual updates so far: t - 1
         if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
-            eps = ctx.pack.derived.get(("eps3", eps3))
-            if eps is None:
-                eps = ctx.pack.derived[("eps3", eps3)] = torch.tensor(eps3, device=u.device)
             for b in ctx.buckets:
                 sq = b.matrix(res)
                 r, c = b.row_stats(rows), b.col_stats(cols)
@@ -221,7 +218,8 @@ class CameConfidence(Technique):
                 c.lerp_(col_mean(sq).add_(eps2), 1.0 - b3)
                 root_r = (r / r.mean(dim=-1, keepdim=True)).mul_(correction).sqrt_().unsqueeze(-1)
                 out = b.matrix(u)
-                torch.addcmul(eps, root_r, c.sqrt().unsqueeze(1), out=out)
+                # the outer product, then + e3: a three-operand broadcast (addcmul) is 3-4x slower on CPU
+                torch.mul(root_r, c.sqrt().unsqueeze(1), out=out).add_(eps3)
                 torch.div(b.matrix(m), out, out=out)
             if ctx.pack.pad_index is not None:
                 u.index_fill_(0, ctx.pack.pad_index, 0.0)
@@ -268,7 +266,7 @@ class ElementAdaDecay(Technique):
             mean = rows.sum(dim=1, keepdim=True).div_(n)
             var = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
             scale = 4.0 / (var.sqrt_() + eps3)  # 4 z = |g| * scale - mean * scale (torch.std_mean is ~50x slower on CPU)
-            torch.addcmul(-mean * scale, rows, scale, out=rows).sigmoid_()
+            rows.mul_(scale).sub_(mean * scale).sigmoid_()  # two in-place broadcasts: 3x a broadcast addcmul on CPU
             b.rows(ctx.u).addcmul_(rows, b.rows(theta), value=2.0 * wd)
 
 
@@ -381,6 +379,7 @@ class LatticeLrMask(LrMask):
     def agreement(self, ctx) -> torch.Tensor:
         pos = self._positive(ctx)
         stored = ctx.state("lr_mask.polarity")
-        agree = torch.eq(pos, self._unpack_bits(ctx, stored) if ctx.pack.quantized else stored.view(torch.bool))  # int8 0/1
+        previous = self._unpack_bits(ctx, stored) if ctx.pack.quantized else stored.view(torch.bool)  # int8 0/1
+        agree = torch.eq(pos, previous, out=ctx.scratch("lr_mask_agree", torch.bool))
         self.record(ctx, pos)
         return agree

@@ -56,10 +56,11 @@ class LoraPlusRatio(Technique):
             layout = ctx.opt.lora
             ctx.pack.derived[key] = [i for i, p in enumerate(ctx.pack.params)
                                      if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]
-        index = ctx.pack.derived[key]
-        if index:
-            views = ctx.pack.views(ctx.u)
-            torch._foreach_mul_([views[i] for i in index], ratio)
+        spans = ctx.pack.derived.get(key + ".spans")
+        if spans is None:  # the indexed tensors as contiguous runs of the flat buffer (usually one per pack)
+            spans = ctx.pack.derived[key + ".spans"] = ctx.pack.runs(ctx.pack.derived[key])
+        for start, end in spans:
+            ctx.u[start:end].mul_(ratio)
 
 
 class AloraRowScale(Technique):

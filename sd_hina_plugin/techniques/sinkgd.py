@@ -79,9 +79,10 @@ class SinkgdDirection(Technique):
                 torch.add(rows_g, rows_m, out=rows_u).sign_()
             else:
                 torch.sign(rows_g, out=rows_u)
-            rows_u.mul_(rows_m.abs())
+            x2 = ctx.scratch("sinkgd_x2")  # |m| first (no fresh buffer per step), then X^2 for the passes
+            rows_u.mul_(torch.abs(rows_m, out=bucket.rows(x2)))
             if matrix:
-                self.normalize(bucket.matrix(u), bucket.matrix(ctx.scratch("sinkgd_x2")), iterations)
+                self.normalize(bucket.matrix(u), bucket.matrix(x2), iterations)
             else:  # a vector is one row normalised to sqrt(n): RMS 1, the scale of a SinkGD matrix
                 n = bucket.numel
                 rows_u.mul_(math.sqrt(n) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + EPS))
