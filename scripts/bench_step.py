@@ -1,4 +1,5 @@
-"""Optimizer step cost: median ms/step, ratio to torch.optim.AdamW(foreach=True) in the same process,
+"""Optimizer step cost: median ms/step, ratio to torch.optim.AdamW(foreach=True) in the same process (the median
+of the per-round ratios, each round timing every optimizer once, with their quartiles),
 dispatched ops and host syncs per step, and state bytes per parameter.
 
 Parameter sets (fp32 unless --dtype bf16):
@@ -104,13 +105,18 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
             e["opt"].step()
             sync(device)
             e["times"].append(time.perf_counter() - start)
-    ref_ms = statistics.median(entries[0]["times"]) * 1e3
+    ref_times = entries[0]["times"]
     rows = []
     for e in entries:
         ms = statistics.median(e["times"]) * 1e3
+        # the ratio of each round (the reference timed in the same round), then their median and quartiles:
+        # robust to the machine's state changing during the run
+        ratios = sorted(t / r for t, r in zip(e["times"], ref_times))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         rows.append({
             "set": set_name, "optimizer": e["label"], "median_ms": round(ms, 2),
-            "x_adamw_foreach": round(ms / ref_ms, 2), "ops_per_step": e["ops"], "syncs_per_step": e["syncs"],
+            "x_adamw_foreach": round(statistics.median(ratios), 2), "x_quartiles": [round(q1, 2), round(q3, 2)],
+            "ops_per_step": e["ops"], "syncs_per_step": e["syncs"],
             "state_bytes_per_param": round(state_bytes(e["opt"]) / numel, 3), "tensors": len(shapes), "params": numel,
         })
         e["opt"].zero_grad()
@@ -118,10 +124,11 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| set | optimizer | median ms/step | x AdamW foreach | ops/step | syncs/step | state B/param |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    head = "| set | optimizer | median ms/step | x AdamW foreach | x quartiles | ops/step | syncs/step | state B/param |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['x_adamw_foreach']:.2f} | "
+        q1, q3 = r["x_quartiles"]
+        lines.append(f"| {r['set']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['x_adamw_foreach']:.2f} | {q1:.2f}-{q3:.2f} | "
                      f"{r['ops_per_step']} | {r['syncs_per_step']} | {r['state_bytes_per_param']:.3f} |")
     return "\n".join(lines)
 

@@ -44,3 +44,23 @@ def test_optimizer_spec_parsing():
 def test_unknown_task_is_rejected(capsys):
     assert cli.main(["bench", "--task", "nope", "--quick"]) == 2
     assert "available" in capsys.readouterr().err
+
+
+def test_step_cost_script_reports_per_round_ratios(tmp_path):
+    """scripts/bench_step.py on the LoRA set, a few rounds: the reference's ratio is exactly 1, each row's
+    quartiles bracket its median ratio, and our optimizer makes no host sync in a step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    out = tmp_path / "rows.json"
+    assert bench_step.main(["--set", "lora", "--opt", "HinaAdamWCore", "--reps", "4", "--warmup", "1", "--json", str(out)]) == 0
+    rows = {row["optimizer"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"torch.AdamW", "HinaAdamWCore"}
+    assert rows["torch.AdamW"]["x_adamw_foreach"] == 1.0 and rows["torch.AdamW"]["x_quartiles"] == [1.0, 1.0]
+    core = rows["HinaAdamWCore"]
+    assert core["x_quartiles"][0] <= core["x_adamw_foreach"] <= core["x_quartiles"][1]
+    assert core["syncs_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
