@@ -141,8 +141,8 @@ class Pack:
 
     def runs(self, index: list[int]) -> list[tuple[int, int]]:
         """The flat element ranges ``[start, end)`` covered by the parameters at ``index`` (sorted), adjacent
-        parameters merged: one slice per run instead of one view per parameter (padding between adjacent
-        8-bit segments included; it is zero in every flat buffer)."""
+        parameters merged: one slice per run instead of one view per parameter. A run includes the padding of
+        its 8-bit segments: fine for scaling a flat buffer, whose padding is never written to a parameter."""
         out: list[tuple[int, int]] = []
         for i in sorted(index):
             start = self.offsets[i]

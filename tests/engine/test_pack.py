@@ -48,3 +48,19 @@ def test_chunking_caps_pack_size(monkeypatch):
     params = [torch.nn.Parameter(torch.randn(40)) for _ in range(5)]
     packs = plan_packs(0, params, lambda p: False)
     assert [len(p.params) for p in packs] == [2, 2, 1]
+
+
+def test_runs_cover_exactly_the_indexed_parameters_with_adjacent_ones_merged():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (3,), (4, 6), (2, 3, 3, 3), (4, 6)]]
+    for quantized in (False, True):
+        (pack,) = plan_packs(0, params, lambda p: quantized)
+        n = len(pack.params)
+        for index in ([0, 1, 2], [0, 2], [n - 1], list(range(n)), [1, 0]):
+            runs = pack.runs(index)
+            covered = torch.zeros(pack.total, dtype=torch.bool)
+            for start, end in runs:
+                covered[start:end] = True
+            for i, view in enumerate(pack.views(torch.arange(pack.total), shaped=False)):
+                assert bool(covered[view].all()) == (i in index)  # every element of an indexed tensor, none of another
+            assert all(a[1] < b[0] for a, b in zip(runs, runs[1:]))  # adjacent parameters merged into one run
+        assert pack.runs(list(range(n))) == [(0, pack.total)]
