@@ -75,8 +75,7 @@ class Bucket:
 
     def matrix(self, flat: torch.Tensor) -> torch.Tensor:
         """The same view with every tensor as a matrix ``(shape[0], prod(rest))`` (conv kernels included)."""
-        rows = self.shape[0] if self.shape else 1
-        return self.view(flat).view(self.count, rows, self.numel // rows if rows else 0)
+        return self.view(flat).view(self.count, self.n_rows, self.n_cols)
 
 
 @dataclass

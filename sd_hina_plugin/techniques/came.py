@@ -81,10 +81,13 @@ def col_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1)
 
 
-def factored_rsqrt(r: torch.Tensor, c: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column factors ``(k, m, 1)``, ``(k, 1, n)`` with product ``1 / sqrt(scale * r_i c_j / mean(r))``."""
-    rows = (r / r.mean(dim=-1, keepdim=True)).mul_(scale).rsqrt_()
-    return rows.unsqueeze(-1), c.rsqrt().unsqueeze(1)
+def factored_root(r: torch.Tensor, c: torch.Tensor, scale: float = 1.0, inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors ``(k, m, 1)``, ``(k, 1, n)`` with product ``sqrt(scale * r_i c_j / mean(r))``, or
+    its reciprocal with ``inverse`` (the factored v and residual S of CAME)."""
+    rows = (r / r.mean(dim=-1, keepdim=True)).mul_(scale)
+    if inverse:
+        return rows.rsqrt_().unsqueeze(-1), c.rsqrt().unsqueeze(1)
+    return rows.sqrt_().unsqueeze(-1), c.sqrt().unsqueeze(1)
 
 
 class CameSecondMoment(Technique):
@@ -130,7 +133,7 @@ class CameSecondMoment(Technique):
                     r.copy_(new_r)
                     c.copy_(new_c)
                     continue
-                fr, fc = factored_rsqrt(r, c)
+                fr, fc = factored_root(r, c)
                 torch.mul(b.matrix(g), fr, out=b.matrix(x)).mul_(fc)
                 r.lerp_(new_r, 1.0 - b2)
                 c.lerp_(new_c, 1.0 - b2)
@@ -216,10 +219,10 @@ class CameConfidence(Technique):
                 r, c = b.row_stats(rows), b.col_stats(cols)
                 r.lerp_(sq.mean(dim=-1).add_(eps2), 1.0 - b3)
                 c.lerp_(col_mean(sq).add_(eps2), 1.0 - b3)
-                root_r = (r / r.mean(dim=-1, keepdim=True)).mul_(correction).sqrt_().unsqueeze(-1)
+                root_r, root_c = factored_root(r, c, correction, inverse=False)
                 out = b.matrix(u)
                 # the outer product, then + e3: a three-operand broadcast (addcmul) is 3-4x slower on CPU
-                torch.mul(root_r, c.sqrt().unsqueeze(1), out=out).add_(eps3)
+                torch.mul(root_r, root_c, out=out).add_(eps3)
                 torch.div(b.matrix(m), out, out=out)
             if ctx.pack.pad_index is not None:
                 u.index_fill_(0, ctx.pack.pad_index, 0.0)

@@ -72,6 +72,7 @@ class SinkgdDirection(Technique):
     def run(self, ctx) -> None:
         m, g, u = ctx.state("exp_avg"), ctx.g, ctx.u
         iterations = sinkgd_iterations(ctx.hp)
+        x2 = ctx.scratch("sinkgd_x2")  # |m| first (no fresh buffer per step), then X^2 for the passes
         for bucket in ctx.buckets:
             rows_u, rows_m, rows_g = bucket.rows(u), bucket.rows(m), bucket.rows(g)
             matrix = len(bucket.shape) >= 2
@@ -79,7 +80,6 @@ class SinkgdDirection(Technique):
                 torch.add(rows_g, rows_m, out=rows_u).sign_()
             else:
                 torch.sign(rows_g, out=rows_u)
-            x2 = ctx.scratch("sinkgd_x2")  # |m| first (no fresh buffer per step), then X^2 for the passes
             rows_u.mul_(torch.abs(rows_m, out=bucket.rows(x2)))
             if matrix:
                 self.normalize(bucket.matrix(u), bucket.matrix(x2), iterations)

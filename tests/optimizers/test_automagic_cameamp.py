@@ -12,7 +12,7 @@ from support import lora_problem, roundtrip, train, trainable
 from sd_hina_plugin import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit,
                             OptimizerConfig)
 from sd_hina_plugin.diagnostics import state_bytes
-from sd_hina_plugin.techniques.came import LatticeLrMask, factored_rsqrt
+from sd_hina_plugin.techniques.came import LatticeLrMask, factored_root
 
 HP = dict(lr_bump=1e-4, min_lr=1e-4, max_lr=1e-2, warmup_steps=8, weight_decay=0.05)
 LR = 1e-3
@@ -153,13 +153,13 @@ def test_eight_bit_and_coptim_follow_the_fp32_algorithm():
 def test_factored_second_moment_is_the_outer_product_of_row_and_column_means():
     torch.manual_seed(0)
     r, c = torch.rand(3, 5) + 0.1, torch.rand(3, 7) + 0.1  # rows, columns of 3 matrices
-    fr, fc = factored_rsqrt(r, c)
+    fr, fc = factored_root(r, c)
     V = r[:, :, None] * c[:, None, :] / r.mean(1)[:, None, None]
     torch.testing.assert_close(fr * fc, V.rsqrt())
     # for a rank-one g^2 (g_ij = a_i b_j) the factored v is exact: V = g^2
     a, b = torch.rand(5) + 0.5, torch.rand(7) + 0.5
     g2 = (a[:, None] * b[None, :]) ** 2
-    fr, fc = factored_rsqrt(g2.mean(1)[None], g2.mean(0)[None])
+    fr, fc = factored_root(g2.mean(1)[None], g2.mean(0)[None])
     torch.testing.assert_close((fr * fc)[0], g2.rsqrt(), rtol=1e-5, atol=0)
 
 
