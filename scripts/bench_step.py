@@ -13,6 +13,12 @@ of the parameters; steps are interleaved round-robin so machine load affects all
     python scripts/bench_step.py --set lora --set full \
         --opt torch.AdamW.fused --opt bnb.AdamW8bit --opt HinaAdamWCore --opt HinaAdamWCore:optim_bits=8
 
+Where a step's time goes: ``--ablate NAME[:k=v,...]`` times that optimizer and one copy per technique switch
+of its class with that switch flipped (``use_spd=False``, ``use_orthogonal_grad=True``, ...), all in the same
+rounds, so each row's difference to the first is what the switch costs in this process:
+
+    python scripts/bench_step.py --set lora --ablate HinaAdamWOptimizer:optim_bits=32
+
 On CPU use one intra-op thread (the default here): two threads made small kernels slower on 2-core machines.
 """
 
@@ -38,6 +44,7 @@ SETS = {
     "full": [(4096, 4096)] * 3,
 }
 REFERENCE = "torch.AdamW"
+BASELINES = (REFERENCE, "torch.AdamW.fused", "bnb.AdamW8bit")
 
 
 def parse_opt(text: str) -> tuple[str, dict]:
@@ -47,6 +54,28 @@ def parse_opt(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         kwargs[key.strip()] = _parse_text(value)
     return name, kwargs
+
+
+def format_opt(name: str, kwargs: dict) -> str:
+    return name + (":" + ",".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
+
+
+def ablations(text: str) -> list[str]:
+    """``text`` and, for each distinct technique switch of the optimizer's class, ``text`` with that switch
+    flipped from its value there (on -> off: what the technique costs; off -> on: what enabling it costs)."""
+    name, kwargs = parse_opt(text)
+    if name in BASELINES:
+        raise SystemExit(f"--ablate: {name} is a baseline without technique switches; give a sd_hina_plugin optimizer")
+    spec = sd_hina_plugin.registry.resolve(name)
+    values = spec.config.from_kwargs(kwargs).as_dict()
+    out, seen = [text], set()
+    for tech in spec.cls.TECHNIQUES:
+        switch = tech.switch
+        if switch is None or switch.name in seen:
+            continue
+        seen.add(switch.name)
+        out.append(format_opt(name, {**kwargs, switch.name: not values[switch.name]}))
+    return out
 
 
 def build(name: str, kwargs: dict, named: list, lr: float):
@@ -137,6 +166,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", choices=sorted(SETS), help="parameter set(s); default: lora and full")
     parser.add_argument("--opt", action="append", help="optimizer NAME[:k=v,...]; default: baselines + every registered optimizer")
+    parser.add_argument("--ablate", action="append", default=[],
+                        help="optimizer NAME[:k=v,...], timed with one copy per technique switch flipped (see above)")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per optimizer (default 30 lora, 7 full)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -148,7 +179,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    opts = args.opt or ["torch.AdamW.fused", "bnb.AdamW8bit"] + [s["name"] for s in sd_hina_plugin.list_optimizers()]
+    opts = list(args.opt or [])
+    for text in args.ablate:
+        opts += [o for o in ablations(text) if o not in opts]
+    if not opts:
+        opts = ["torch.AdamW.fused", "bnb.AdamW8bit"] + [s["name"] for s in sd_hina_plugin.list_optimizers()]
     rows = []
     for set_name in args.set or ["lora", "full"]:
         reps = args.reps or (30 if set_name == "lora" else 7)

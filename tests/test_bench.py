@@ -46,16 +46,21 @@ def test_unknown_task_is_rejected(capsys):
     assert "available" in capsys.readouterr().err
 
 
-def test_step_cost_script_reports_per_round_ratios(tmp_path):
-    """scripts/bench_step.py on the LoRA set, a few rounds: the reference's ratio is exactly 1, each row's
-    quartiles bracket its median ratio, and our optimizer makes no host sync in a step."""
+def _bench_step_module():
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
     spec = importlib.util.spec_from_file_location("bench_step", path)
-    bench_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_step)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_cost_script_reports_per_round_ratios(tmp_path):
+    """scripts/bench_step.py on the LoRA set, a few rounds: the reference's ratio is exactly 1, each row's
+    quartiles bracket its median ratio, and our optimizer makes no host sync in a step."""
+    bench_step = _bench_step_module()
     out = tmp_path / "rows.json"
     assert bench_step.main(["--set", "lora", "--opt", "HinaAdamWCore", "--reps", "4", "--warmup", "1", "--json", str(out)]) == 0
     rows = {row["optimizer"]: row for row in json.loads(out.read_text())}
@@ -64,3 +69,39 @@ def test_step_cost_script_reports_per_round_ratios(tmp_path):
     core = rows["HinaAdamWCore"]
     assert core["x_quartiles"][0] <= core["x_adamw_foreach"] <= core["x_quartiles"][1]
     assert core["syncs_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
+
+
+def test_step_cost_ablation_flips_each_switch_once():
+    """--ablate: the given configuration, then one copy per distinct technique switch of the class, flipped from
+    its value in that configuration; the other arguments are kept."""
+    from sd_hina_plugin.registry import resolve
+
+    bench_step = _bench_step_module()
+    specs = bench_step.ablations("HinaAdamWOptimizer:optim_bits=32,use_spd=False")
+    assert specs[0] == "HinaAdamWOptimizer:optim_bits=32,use_spd=False"
+    switches = {t.switch.name for t in resolve("HinaAdamWOptimizer").cls.TECHNIQUES if t.switch is not None}
+    flipped = {}
+    for text in specs[1:]:
+        name, kwargs = bench_step.parse_opt(text)
+        assert name == "HinaAdamWOptimizer" and kwargs["optim_bits"] == 32
+        changed = {k: v for k, v in kwargs.items() if k != "optim_bits" and (k, v) != ("use_spd", False)}
+        if not changed:  # use_spd itself, flipped back on
+            assert kwargs["use_spd"] is True
+            changed = {"use_spd": True}
+        assert len(changed) == 1
+        flipped.update(changed)
+    assert set(flipped) == switches and len(specs) == 1 + len(switches)
+    assert flipped["use_alora"] is False and flipped["use_orthogonal_grad"] is True  # on -> off, off -> on
+    assert bench_step.ablations("HinaAdamWCore") == ["HinaAdamWCore"]  # no switches: only itself
+    with pytest.raises(SystemExit, match="baseline"):
+        bench_step.ablations("torch.AdamW")
+
+
+def test_step_cost_ablation_run(tmp_path):
+    bench_step = _bench_step_module()
+    out = tmp_path / "rows.json"
+    assert bench_step.main(["--set", "lora", "--ablate", "Automagic_Sinkgd:warmup_steps=0", "--reps", "2", "--warmup", "1",
+                            "--json", str(out)]) == 0
+    rows = [row["optimizer"] for row in json.loads(out.read_text())]
+    assert rows == ["torch.AdamW", "Automagic_Sinkgd:warmup_steps=0", "Automagic_Sinkgd:warmup_steps=0,orthograd=True",
+                    "Automagic_Sinkgd:warmup_steps=0,full_finetune=True"]
