@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -127,12 +128,16 @@ class Pack:
         if pads:
             self.pad_index = torch.cat(pads).to(self.device)
 
+    def derive(self, key: str, make: Callable[[], Any]) -> Any:
+        """``derived[key]``, made by ``make()`` the first time it is asked for."""
+        value = self.derived.get(key)
+        if value is None:
+            value = self.derived[key] = make()
+        return value
+
     def numels(self) -> torch.Tensor:
         """Element count of each parameter, ``(n_params,)`` fp32, on the device (built once per pack)."""
-        cached = self.derived.get("numels")
-        if cached is None:
-            cached = self.derived["numels"] = torch.tensor([float(p.numel()) for p in self.params], device=self.device)
-        return cached
+        return self.derive("numels", lambda: torch.tensor([float(p.numel()) for p in self.params], device=self.device))
 
     @property
     def low_precision(self) -> bool:

@@ -82,10 +82,7 @@ class DynamicWeightDecay(Technique):
 
     def run(self, ctx) -> None:
         ratio = self.multiplier(ctx.hp, ctx.step)
-        adapter = ctx.pack.derived.get("adapter_mask")
-        if adapter is None:
-            adapter = [ctx.opt.lora.role(p) in ADAPTER_ROLES for p in ctx.pack.params]
-            ctx.pack.derived["adapter_mask"] = adapter
+        adapter = ctx.pack.derive("adapter_mask", lambda: [ctx.opt.lora.role(p) in ADAPTER_ROLES for p in ctx.pack.params])
         ctx.pack.derived["wd_scales"] = [ratio if a else 1.0 for a in adapter] if ratio != 1.0 else None
 
     @staticmethod

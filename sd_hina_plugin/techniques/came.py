@@ -357,10 +357,7 @@ class LatticeLrMask(LrMask):
     @staticmethod
     def _shifts(ctx) -> torch.Tensor:
         """0..7 as uint8 on the pack's device, made once per pack (not a host-to-device copy every step)."""
-        shifts = ctx.pack.derived.get("mask_bit_shifts")
-        if shifts is None:
-            shifts = ctx.pack.derived["mask_bit_shifts"] = torch.arange(8, dtype=torch.uint8, device=ctx.pack.device)
-        return shifts
+        return ctx.pack.derive("mask_bit_shifts", lambda: torch.arange(8, dtype=torch.uint8, device=ctx.pack.device))
 
     @classmethod
     def _pack_bits(cls, ctx, bits: torch.Tensor, out: torch.Tensor) -> None:

@@ -51,14 +51,11 @@ class LoraPlusRatio(Technique):
         ratio = ctx.hp[self.ratio.name]
         if ratio == 1.0 or not self.applies(ctx.opt):
             return
-        key = "lora_plus.index"
-        if key not in ctx.pack.derived:
-            layout = ctx.opt.lora
-            ctx.pack.derived[key] = [i for i, p in enumerate(ctx.pack.params)
-                                     if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]
-        spans = ctx.pack.derived.get(key + ".spans")
-        if spans is None:  # the indexed tensors as contiguous runs of the flat buffer (usually one per pack)
-            spans = ctx.pack.derived[key + ".spans"] = ctx.pack.runs(ctx.pack.derived[key])
+        layout, pack = ctx.opt.lora, ctx.pack
+        # the zero-initialised factors of complete modules as contiguous runs of the flat buffer (usually one per pack)
+        spans = pack.derive("lora_plus.spans", lambda: pack.runs(
+            [i for i, p in enumerate(pack.params)
+             if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]))
         for start, end in spans:
             ctx.u[start:end].mul_(ratio)
 
