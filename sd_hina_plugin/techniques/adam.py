@@ -60,7 +60,7 @@ class AdamNormalize(Technique):
     def run(self, ctx) -> None:
         b1, b2 = ctx.hp["betas"]
         t = ctx.step
-        denom = ctx.scratch("adam_denom")
+        denom = ctx.temp()
         torch.sqrt(ctx.state("exp_avg_sq"), out=denom)
         denom.div_(math.sqrt(1.0 - b2 ** t)).add_(ctx.hp["eps"])
         torch.div(ctx.state("exp_avg"), denom, out=ctx.u)

@@ -215,9 +215,9 @@ class LrMask(Technique):
     # -- what subclasses with another storage or polarity replace ----------------------------------------------
     def agreement(self, ctx) -> torch.Tensor:
         """Where this step's gradient sign equals the previous step's (bool); records this step's signs."""
-        current = ctx.scratch("lr_mask_sign8", torch.int8).copy_(torch.sign(ctx.g, out=ctx.scratch("lr_mask_sign")))
+        current = ctx.temp(0, torch.int8).copy_(torch.sign(ctx.g, out=ctx.temp()))
         sign = ctx.state("lr_mask.sign")
-        agree = torch.eq(current, sign, out=ctx.scratch("lr_mask_agree", torch.bool))
+        agree = torch.eq(current, sign, out=ctx.temp(1, torch.bool))
         sign.copy_(current)
         return agree
 
@@ -248,14 +248,14 @@ class LrMask(Technique):
             if isinstance(up, int):
                 steps.add_(agree, alpha=up + down).sub_(down)
             else:  # per-tensor bumps (int16 vectors)
-                change = ctx.scratch("lr_mask_change", torch.int16).copy_(agree)
+                change = ctx.temp(0, torch.int16).copy_(agree)
                 both = up + down
                 for b in ctx.pack.buckets:  # j += (up + down) * agree - down: 2x faster than building the change first
                     part = slice(b.first, b.first + b.count)
                     b.rows(steps).addcmul_(b.rows(change), both[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
             steps.clamp_(*self.bounds(ctx, delta, lr0))
             self.write_steps(ctx, steps, lr0)
-        count = ctx.scratch("mask_mult").copy_(steps)
+        count = ctx.temp().copy_(steps)
         if ctx.step <= hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
             # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
             real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded

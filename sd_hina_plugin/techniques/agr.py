@@ -21,7 +21,7 @@ class AGR(Technique):
 
     def run(self, ctx) -> None:
         g = ctx.g
-        alpha = torch.abs(g, out=ctx.scratch("agr"))
+        alpha = torch.abs(g, out=ctx.temp())
         inverse = torch.where(ctx.numels() > 1, 1.0 / ctx.tensor_sum(alpha).clamp_min_(1e-30), 0.0)
         ctx.tensor_scale_(alpha, inverse)
         g.addcmul_(g, alpha, value=-1.0)

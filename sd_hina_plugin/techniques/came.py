@@ -121,7 +121,7 @@ class CameSecondMoment(Technique):
             return
         eps1, b2 = hp["eps"][0], hp["betas"][1]
         g = ctx.g
-        g2 = torch.mul(g, g, out=ctx.scratch("came_g2"))
+        g2 = torch.mul(g, g, out=ctx.temp())
         x = ctx.scratch("came_u")
         if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
@@ -210,7 +210,7 @@ class CameConfidence(Technique):
         b3 = ctx.hp["betas"][2]
         eps2, eps3 = ctx.hp["eps"][1], ctx.hp["eps"][2]
         m, u = ctx.state("exp_avg"), ctx.u
-        res = torch.sub(ctx.m_in, m, out=ctx.scratch("came_res")).square_()
+        res = torch.sub(ctx.m_in, m, out=ctx.temp()).square_()
         correction = 1.0 / (1.0 - b3 ** (ctx.step - 1))  # residual updates so far: t - 1
         if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
@@ -245,7 +245,7 @@ class GramsBlend(Technique):
         if a < GRAMS_FLOOR:
             return
         # a |U| sign(g) + (1 - a) U = U (1 - a + a sign(U g))
-        agree = torch.mul(ctx.u, ctx.g, out=ctx.scratch("grams")).sign_()
+        agree = torch.mul(ctx.u, ctx.g, out=ctx.temp()).sign_()
         ctx.u.mul_(agree.mul_(a).add_(1.0 - a))
 
 
@@ -261,7 +261,7 @@ class ElementAdaDecay(Technique):
         if not wd or ctx.step >= ctx.hp["warmup_steps"] / 2:
             return
         eps3 = ctx.hp["eps"][2]
-        a = torch.abs(ctx.g, out=ctx.scratch("adadecay"))
+        a = torch.abs(ctx.g, out=ctx.temp())
         theta = ctx.params32()
         for b in ctx.buckets:
             rows = b.rows(a)
@@ -351,8 +351,8 @@ class LatticeLrMask(LrMask):
     def _positive(ctx) -> torch.Tensor:
         # g > 0 as bool(max(g, 0)): exact (+0 and -0 are False), and on CPU 3x faster than torch.gt, whose
         # fp32-to-bool comparison is not vectorised (0.45 ms per million elements against 0.15)
-        relu = torch.clamp_min(ctx.g, 0.0, out=ctx.scratch("mask_relu"))
-        return ctx.scratch("mask_pos", torch.bool).copy_(relu)
+        relu = torch.clamp_min(ctx.g, 0.0, out=ctx.temp())
+        return ctx.temp(0, torch.bool).copy_(relu)
 
     @staticmethod
     def _shifts(ctx) -> torch.Tensor:
@@ -380,6 +380,6 @@ class LatticeLrMask(LrMask):
         pos = self._positive(ctx)
         stored = ctx.state("lr_mask.polarity")
         previous = self._unpack_bits(ctx, stored) if ctx.pack.quantized else stored.view(torch.bool)  # int8 0/1
-        agree = torch.eq(pos, previous, out=ctx.scratch("lr_mask_agree", torch.bool))
+        agree = torch.eq(pos, previous, out=ctx.temp(1, torch.bool))
         self.record(ctx, pos)
         return agree

@@ -35,7 +35,7 @@ class Cautious(Technique):
         return None
 
     def run(self, ctx) -> None:
-        mask = ctx.scratch("cautious")
+        mask = ctx.temp()
         mask.copy_(ctx.u).mul_(ctx.g).gt_(0)  # 1.0 where u and g agree
         scale = ctx.numels() / (ctx.tensor_sum(mask) + 1.0)
         ctx.u.mul_(ctx.tensor_scale_(mask, scale))

@@ -20,4 +20,4 @@ class Grams(Technique):
     def run(self, ctx) -> None:
         source = ctx.take_u_source()  # u = m pending (ADOPT): |m| straight into u, no copy first
         magnitude = ctx.u.abs_() if source is None else torch.abs(source, out=ctx.u_buffer)
-        magnitude.mul_(torch.sign(ctx.g, out=ctx.scratch("grams")))
+        magnitude.mul_(torch.sign(ctx.g, out=ctx.temp()))

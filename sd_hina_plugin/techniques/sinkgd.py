@@ -72,7 +72,7 @@ class SinkgdDirection(Technique):
     def run(self, ctx) -> None:
         m, g, u = ctx.state("exp_avg"), ctx.g, ctx.u
         iterations = sinkgd_iterations(ctx.hp)
-        x2 = ctx.scratch("sinkgd_x2")  # |m| first (no fresh buffer per step), then X^2 for the passes
+        x2 = ctx.temp()  # |m| first (no fresh buffer per step), then X^2 for the passes
         for bucket in ctx.buckets:
             rows_u, rows_m, rows_g = bucket.rows(u), bucket.rows(m), bucket.rows(g)
             matrix = len(bucket.shape) >= 2
@@ -136,7 +136,7 @@ class ProdigyLrMask(LrMask):
             return units, units
         theta = ctx.params32()
         if ctx.hp["full_finetune"]:
-            theta = ctx.scratch("sinkgd_dev").copy_(ctx.state("sinkgd.anchor")).neg_().add_(theta)
+            theta = ctx.temp().copy_(ctx.state("sinkgd.anchor")).neg_().add_(theta)
         c = -ctx.tensor_dot(ctx.g, theta)
         scaled = round(ctx.hp["d_coef"] * units)
         up = torch.where(c > 0, scaled, units).to(torch.int16)

@@ -48,8 +48,8 @@ class SelectiveProjectionDecay(Technique):
         theta = ctx.params32()
         anchored = dict(ctx.pack.tags).get(self.name) == "anchor"
         if anchored:  # fp32 copy first: mixed-dtype sub is 4x slower on CPU
-            anchor = ctx.scratch("spd_anchor").copy_(ctx.state(ANCHOR.name))
-            dev = torch.sub(theta, anchor, out=ctx.scratch("spd_dev"))  # theta_{t-1} - theta_0
+            anchor = ctx.temp(0).copy_(ctx.state(ANCHOR.name))
+            dev = torch.sub(theta, anchor, out=ctx.temp(1))  # theta_{t-1} - theta_0
         else:
             dev = theta  # theta_0 = 0: the deviation is theta itself (read only)
         c = -ctx.tensor_dot(ctx.g, dev)
