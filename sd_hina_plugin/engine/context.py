@@ -136,6 +136,13 @@ class StepContext:
         """Element count of each tensor, ``(n_params,)`` fp32, on the device (see :meth:`Pack.numels`)."""
         return self.pack.numels()
 
+    def moment_input(self) -> torch.Tensor:
+        """The buffer a moments-stage technique writes ``m_in`` into (ADOPT's normalised gradient, CAME's
+        normalised update, TAM's weighted copy of the gradient): ``u_buffer``, which nothing reads before the
+        direction stage. A direction-stage technique that reads ``m_in`` must do so before it writes ``u``
+        (CAME's confidence does). One 4 MB buffer less in a CPU pack's working set."""
+        return self.u_buffer
+
     def params32(self) -> torch.Tensor:
         """The pack's current parameter values as a flat fp32 buffer (gathered once per step, padding zero)."""
         if self._p32 is None:
@@ -145,6 +152,12 @@ class StepContext:
                 p32.index_fill_(0, self.pack.pad_index, 0.0)
             self._p32 = p32
         return self._p32
+
+    def release_params32(self) -> torch.Tensor:
+        """``params32()`` handed over to the caller, who may overwrite it (SPD computes the new values in it);
+        a later ``params32()`` gathers the parameters again."""
+        p32, self._p32 = self.params32(), None
+        return p32
 
     def effective_decay(self) -> float | torch.Tensor:
         """``self.decay`` as applied: a float, or a per-tensor vector in which skipped tensors (non-finite

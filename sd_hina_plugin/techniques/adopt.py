@@ -32,7 +32,7 @@ class AdoptScale(Technique):
             ctx.done = True
             return
         # g / max(sqrt(v), eps) as g * rsqrt(max(v, eps^2)): the same value, passes that stay in place
-        x = torch.clamp_min(v, ctx.hp["eps"] ** 2, out=ctx.scratch("adopt_x")).rsqrt_().mul_(g)
+        x = torch.clamp_min(v, ctx.hp["eps"] ** 2, out=ctx.moment_input()).rsqrt_().mul_(g)
         clip = ctx.step ** 0.25
         x.clamp_(-clip, clip)
         ctx.m_in = x

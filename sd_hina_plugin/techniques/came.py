@@ -122,7 +122,7 @@ class CameSecondMoment(Technique):
         eps1, b2 = hp["eps"][0], hp["betas"][1]
         g = ctx.g
         g2 = torch.mul(g, g, out=ctx.temp())
-        x = ctx.scratch("came_u")
+        x = ctx.moment_input()
         if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
             for b in ctx.buckets:

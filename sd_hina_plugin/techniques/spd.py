@@ -58,7 +58,10 @@ class SelectiveProjectionDecay(Technique):
         if ctx.lr_scale is not None:
             u.mul_(ctx.lr_scale)
             ctx.lr_scale = None
-        new = self.decayed_step(ctx, theta, u, ctx.scratch("spd_new"))  # theta~
+        # theta~, over the gathered fp32 values, which are not read again (bf16/fp16 packs: the writer still
+        # needs them for the rounding rule)
+        out = ctx.scratch("spd_new") if ctx.pack.low_precision else ctx.release_params32()
+        new = self.decayed_step(ctx, theta, u, out)
         if anchored:
             dev = torch.sub(new, anchor, out=dev)  # theta~ - theta_0
         else:
@@ -71,11 +74,14 @@ class SelectiveProjectionDecay(Technique):
 
     @staticmethod
     def decayed_step(ctx, theta: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out = decay * theta - lr * step_scale * u`` in two passes at most (one without decay)."""
+        """``out = decay * theta - lr * step_scale * u`` in two passes at most (one without decay); ``out`` may
+        be ``theta`` itself."""
         alpha = -ctx.lr * ctx.step_scale
         decay, base = ctx.effective_decay(), ctx.decay
         if not isinstance(decay, torch.Tensor) and decay == 1.0:
             return torch.add(theta, u, alpha=alpha, out=out)
+        if out is theta and not (isinstance(base, float) and base != 0.0):
+            return ctx.decay_flat_(theta, decay).add_(u, alpha=alpha)
         if isinstance(base, float) and base != 0.0:
             # one decay d for the pack (1 for skipped tensors, whose u is 0): (theta + (alpha/d) u) * decay,
             # an in-place scale instead of a second three-operand pass

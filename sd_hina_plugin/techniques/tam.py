@@ -34,7 +34,7 @@ class TorqueAwareMomentum(Technique):
         x = ctx.m_in
         d = torque_weights(ctx, ctx.state("exp_avg"), x, ctx.hp[self.beta.name])
         if x is ctx.g:
-            x = ctx.scratch("tam_x").copy_(x)
+            x = ctx.moment_input().copy_(x)
         ctx.m_in = ctx.tensor_scale_(x, d)
 
 
