@@ -5,6 +5,11 @@ counted once (a ``_foreach_*`` op over 400 tensors counts as one, which is the p
 ops through which a device value reaches Python: ``aten._local_scalar_dense`` (``.item()``, ``float(t)``,
 ``int(t)``), ``aten.is_nonzero`` (``bool(t)``, ``if t:``) and ``aten.item``. They are syncs on CUDA and
 count the same on CPU, so the check runs anywhere.
+
+Uploads are tensors made from host values (``torch.tensor([...])``, ``torch.as_tensor``, a Python number
+assigned into a tensor): ``aten.lift_fresh``. On CUDA such a tensor reaches the device by a copy from
+pageable host memory, which PyTorch follows with a stream synchronisation: the host waits for all queued
+GPU work. A step may make them while it builds caches (its first step); counted on any device.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.equal")
+UPLOAD_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy")
 
 
 class OpCounter(TorchDispatchMode):
@@ -39,6 +45,10 @@ class OpCounter(TorchDispatchMode):
 
     def sync_ops(self) -> dict[str, int]:
         return {name: n for name, n in self.ops.items() if name in SYNC_OPS}
+
+    @property
+    def uploads(self) -> int:
+        return sum(n for name, n in self.ops.items() if name in UPLOAD_OPS)
 
 
 def count_step(optimizer: torch.optim.Optimizer) -> OpCounter:

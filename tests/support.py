@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +16,17 @@ from sd_hina_plugin.config import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def suite_device() -> torch.device:
+    """The device the conformance suite runs on: ``SD_HINA_TEST_DEVICE`` (e.g. ``cuda``), default the CPU.
+
+    Only the conformance suite follows it (``scripts/device_check.sh`` runs it on a GPU); the other suites
+    test CPU-side behaviour and build their tensors on the CPU."""
+    device = torch.device(os.environ.get("SD_HINA_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SD_HINA_TEST_DEVICE={device} but torch sees no CUDA device")
+    return device
 
 
 class TinyLoRANet(nn.Module):
@@ -42,8 +54,9 @@ class TinyLoRANet(nn.Module):
         yield "lora_unet_out.scale", self.scale
 
 
-def lora_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(student, teacher, batches): fit the student's LoRA branches to a teacher with shifted weights."""
+def lora_problem(seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(student, batches): fit the student's LoRA branches to a teacher with shifted weights. Built on the CPU
+    (the same values on every device), then moved to ``device``."""
     torch.manual_seed(seed)
     student = TinyLoRANet()
     teacher = TinyLoRANet()
@@ -54,8 +67,8 @@ def lora_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(4)]
     targets = [teacher(x).detach() for x in batches]
-    student.to(dtype)
-    return student, list(zip([b.to(dtype) for b in batches], [t.to(dtype) for t in targets]))
+    student.to(device=device, dtype=dtype)
+    return student, list(zip([b.to(device, dtype) for b in batches], [t.to(device, dtype) for t in targets]))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:

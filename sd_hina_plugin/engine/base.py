@@ -91,6 +91,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         self._pool_generation = 0
         self._stats: dict[str, torch.Tensor | float] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._host_values: dict[str, tuple[tuple, torch.Tensor]] = {}
         #: per-step results of techniques' ``prepare`` (transient, rebuilt every step)
         self.step_cache: dict[str, Any] = {}
         #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
@@ -339,6 +340,16 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 for other in packs:
                     other.forget_views(retired)
         return buf
+
+    def host_values(self, name: str, values: list, device: torch.device) -> torch.Tensor:
+        """``torch.tensor(values)`` on ``device``, uploaded only when ``values`` differ from the last call under
+        ``name``. Host-side facts that rarely change (which tensors have a gradient) reach the device this way:
+        on CUDA every upload from host memory waits for the GPU, so a step must not make one each time."""
+        key = (tuple(values), str(device))
+        cached = self._host_values.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._host_values[name] = (key, torch.tensor(values, device=device))
+        return cached[1]
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)

@@ -44,8 +44,8 @@ class StepContext:
         self.m_in: torch.Tensor = g
         self.step_scale = 1.0
         self.lr_scale: torch.Tensor | None = None
-        #: parameter decay factor: a float, one float per tensor, or a per-tensor device vector
-        self.decay: float | list[float] | torch.Tensor = 1.0
+        #: parameter decay factor: a float, or a per-tensor device vector
+        self.decay: float | torch.Tensor = 1.0
         #: new parameter values computed in flat form (e.g. by SPD); the writer copies them instead
         self.new_params: torch.Tensor | None = None
         #: set by a technique to end this step for the pack (e.g. ADOPT's initialising first step)
@@ -163,14 +163,7 @@ class StepContext:
         """``self.decay`` as applied: a float, or a per-tensor vector in which skipped tensors (non-finite
         gradient) keep 1.0."""
         decay = self.decay
-        if isinstance(decay, list):  # one float per tensor: a device vector, cached while the values hold
-            key = tuple(decay)
-            cached = self.pack.derived.get("decay_values")
-            if cached is None or cached[0] != key:
-                cached = (key, torch.tensor(decay, device=self.pack.device))
-                self.pack.derived["decay_values"] = cached
-            decay = cached[1]
-        elif not isinstance(decay, torch.Tensor) and decay == 1.0:
+        if not isinstance(decay, torch.Tensor) and decay == 1.0:
             return 1.0
         return decay if self.keep is None else self.keep * (decay - 1.0) + 1.0
 

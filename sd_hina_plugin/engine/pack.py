@@ -136,8 +136,10 @@ class Pack:
         return value
 
     def numels(self) -> torch.Tensor:
-        """Element count of each parameter, ``(n_params,)`` fp32, on the device (built once per pack)."""
-        return self.derive("numels", lambda: torch.tensor([float(p.numel()) for p in self.params], device=self.device))
+        """Element count of each parameter, ``(n_params,)`` fp32, on the device (built once per pack, one fill
+        per bucket: no host-to-device copy, so it may be built in any step)."""
+        return self.derive("numels", lambda: torch.cat([
+            torch.full((b.count,), float(b.numel), device=self.device) for b in self.buckets]))
 
     @property
     def low_precision(self) -> bool:

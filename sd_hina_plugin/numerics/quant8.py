@@ -36,12 +36,17 @@ def _functional():
 
 
 def bnb_available() -> tuple[bool, str]:
-    """Whether bitsandbytes' blockwise kernels can run here, and why not if they cannot."""
+    """Whether bitsandbytes' blockwise kernels can run here, and why not if they cannot. Called when an 8-bit
+    optimizer is built; it also reads the maps' host constants (:func:`zero_code`, the smallest positive
+    codes) then, so that no step has to read them from a tensor."""
     try:
         F = _functional()
         x = torch.linspace(-1, 1, BLOCK)
         q, state = F.quantize_blockwise(x, code=qmap(True, torch.device("cpu")), blocksize=BLOCK)
         F.dequantize_blockwise(q, absmax=state.absmax, code=qmap(True, torch.device("cpu")), blocksize=BLOCK)
+        for signed in (True, False):
+            zero_code(signed)
+            _smallest_positive(signed)
     except Exception as exc:  # pragma: no cover - depends on the installation
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""

@@ -87,9 +87,11 @@ class AdaptiveImportance(Technique):
             if all(present):
                 importance = updated
             else:  # tensors without a gradient this step keep their importance
-                importance = torch.where(torch.tensor(present, device=importance.device), updated, importance)
+                importance = torch.where(opt.host_values("adaptive.present", present, importance.device), updated, importance)
             if done % hp["relationship_discovery_interval"] == 0:
                 self.discover(opt, packs)
+        else:
+            self.pairs(opt, packs)  # built on the first step, which may upload
         partner = opt.per_tensor("adapt.partner")[1].long()
         compat = opt.per_tensor("adapt.compat")[1]
         shared = importance[(partner - 1).clamp_min(0)]
@@ -98,13 +100,18 @@ class AdaptiveImportance(Technique):
             pack.storage["adapt.importance"].copy_(part)
         opt.step_cache[self.name] = {id(pack): part for pack, part in opt.per_tensor_slices(packs, blended)}
 
-    def discover(self, opt: Any, packs: list) -> None:
-        """Relationships: known adapter pairs, then shape-chainable candidates scored on the device (no sync)."""
+    @staticmethod
+    def pairs(opt: Any, packs: list) -> dict[str, Any]:
+        """Who may be related, from names and shapes alone: the known adapter pairs, and shape-chainable
+        candidates grouped by shape class, with their index vectors on the device. Found once per layout and
+        set of packs (at the first step, which may upload), not at every discovery."""
         params = [p for pack in packs for p in pack.params]
+        key = ("adaptive.pairs", tuple(map(id, params)))
+        found = opt.lora.cache.get(key)
+        if found is not None:
+            return found
         device = packs[0].device
         index = {id(p): i for i, p in enumerate(params)}
-        partner = torch.zeros(len(params), device=device)
-        compat = torch.zeros(len(params), device=device)
         layout, used = opt.lora, set()
         known: list[tuple[int, int]] = []
         for family, (left, right) in _SIDES.items():
@@ -128,18 +135,32 @@ class AdaptiveImportance(Technique):
                     used.update((i, j))
                     candidates.setdefault((tuple(p.shape), tuple(params[j].shape)), []).append((i, j))
                     break
-        groups = [(known, torch.ones(len(known), device=device))] if known else []
+
+        def on_device(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.tensor([i for i, _ in pairs], device=device), torch.tensor([j for _, j in pairs], device=device))
+
+        found = opt.lora.cache[key] = {
+            "params": params, "known": known, "known_index": on_device(known) if known else None,
+            "candidates": [(pairs, on_device(pairs)) for pairs in candidates.values()]}
+        return found
+
+    def discover(self, opt: Any, packs: list) -> None:
+        """Relationships: known adapter pairs, then shape-chainable candidates scored on the device (no sync)."""
+        found = self.pairs(opt, packs)
+        params = found["params"]
+        device = packs[0].device
+        partner = torch.zeros(len(params), device=device)
+        compat = torch.zeros(len(params), device=device)
+        groups = [(found["known_index"], torch.ones(len(found["known"]), device=device))] if found["known"] else []
         threshold = opt.param_groups[0]["compatibility_threshold"]
-        for pairs in candidates.values():  # one batch per shape class
+        for pairs, index in found["candidates"]:  # one batch per shape class
             x = as_matrices([params[i] for i, _ in pairs]).norm(dim=1)   # column norms of X over the shared dim
             y = as_matrices([params[j] for _, j in pairs]).norm(dim=2)   # row norms of Y over the shared dim
             x = x - x.mean(1, keepdim=True)
             y = y - y.mean(1, keepdim=True)
             score = ((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-30)).abs()
-            groups.append((pairs, torch.where(score >= threshold, score, torch.zeros_like(score))))
-        for pairs, score in groups:
-            left = torch.tensor([i for i, _ in pairs], device=device)
-            right = torch.tensor([j for _, j in pairs], device=device)
+            groups.append((index, torch.where(score >= threshold, score, torch.zeros_like(score))))
+        for (left, right), score in groups:
             linked = score > 0
             partner[left] = torch.where(linked, right + 1.0, 0.0)
             partner[right] = torch.where(linked, left + 1.0, 0.0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..config import Field
 from ..engine.technique import Slot, Technique
 from ..lora.names import Role
@@ -30,11 +32,15 @@ LOW_PRECISION_UPDATE = Field(
 ADAPTER_ROLES = frozenset(r for r in Role if r.family in ("lora", "lokr", "loha"))
 
 
-def decay_factors(amount: float, scales: list[float] | None) -> float | list[float]:
-    """``1 - amount`` for the whole pack, or per tensor with the dynamic weight-decay ``scales``."""
-    if scales is None or not amount:
+def decay_factors(ctx, amount: float) -> float | torch.Tensor:
+    """``1 - amount`` for the whole pack, or, while :class:`DynamicWeightDecay` relaxes the adapter factors by a
+    ``ratio``, per tensor: ``1 - amount * ratio`` for adapter factors, ``1 - amount`` for the rest. The per-tensor
+    form is one ``where`` over a device mask made on the first step, with both values computed on the host:
+    a vector built from host floats every step would be an upload that waits for the GPU."""
+    ratio = ctx.pack.derived.get("wd_ratio")
+    if ratio is None or not amount:
         return 1.0 - amount
-    return [1.0 - amount * s for s in scales]
+    return torch.where(ctx.pack.derived["adapter_mask"], 1.0 - amount * ratio, 1.0 - amount)
 
 
 class DecoupledWeightDecay(Technique):
@@ -44,7 +50,7 @@ class DecoupledWeightDecay(Technique):
     summary = "decoupled weight decay p <- p (1 - lr wd)"
 
     def run(self, ctx) -> None:
-        ctx.decay = decay_factors(ctx.lr * ctx.hp["weight_decay"], ctx.pack.derived.get("wd_scales"))
+        ctx.decay = decay_factors(ctx, ctx.lr * ctx.hp["weight_decay"])
 
 
 class DynamicWeightDecay(Technique):
@@ -82,8 +88,10 @@ class DynamicWeightDecay(Technique):
 
     def run(self, ctx) -> None:
         ratio = self.multiplier(ctx.hp, ctx.step)
-        adapter = ctx.pack.derive("adapter_mask", lambda: [ctx.opt.lora.role(p) in ADAPTER_ROLES for p in ctx.pack.params])
-        ctx.pack.derived["wd_scales"] = [ratio if a else 1.0 for a in adapter] if ratio != 1.0 else None
+        pack = ctx.pack
+        pack.derive("adapter_mask", lambda: torch.tensor([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params],
+                                                         device=pack.device))
+        pack.derived["wd_ratio"] = ratio if ratio != 1.0 else None
 
     @staticmethod
     def steps_to_floor(hp) -> float:

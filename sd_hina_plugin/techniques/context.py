@@ -104,8 +104,8 @@ class Context:
         index = self.steps % window
         t["hist"][index, 0] = c
         t["hist"][index, 1] = n
-        t["hist"][index, 2] = 0.0
-        t["loss_ok"][index] = 0.0
+        t["hist"][index, 2].zero_()  # not ``= 0.0``: a Python number assigned into a tensor is uploaded first
+        t["loss_ok"][index].zero_()
         self.steps += 1
         count = min(self.steps, window)
         recent = t["hist"][:count]
@@ -206,6 +206,12 @@ class ContextProbe(Technique):
     stage = "moments"
     fields = (CONTEXT_WINDOW, EDGE_THRESHOLD, ADAPTATION_RATE, MOMENTUM_SCALES)
     summary = "COptim: gradient consistency and norm sums, every step, on the device"
+
+    def prepare(self, opt) -> None:
+        # the context's tensors are made on the first step, which may upload (later steps never do)
+        packs = opt.packs()
+        if packs:
+            opt.c_optim._ensure(packs[0].device)
 
     def run(self, ctx) -> None:
         u, m = ctx.m_in, ctx.state("exp_avg")

@@ -34,4 +34,4 @@ class DelayedWeightDecay(Technique):
         if not group.get("hina_wd_release"):
             ctx.decay = 1.0
             return
-        ctx.decay = decay_factors(group["hina_wd_applied"], ctx.pack.derived.get("wd_scales"))
+        ctx.decay = decay_factors(ctx, group["hina_wd_applied"])

@@ -169,7 +169,7 @@ class AdaptiveWeightDecay(Technique):
             grads = [p.grad for p, ok in zip(params, present) if ok]
             numels = torch.cat([pack.numels() for pack in packs])  # pack order, as ``params``
             if not all(present):
-                index = torch.tensor([i for i, ok in enumerate(present) if ok], device=numels.device)
+                index = opt.host_values(f"adadecay.present.{gi}", [i for i, ok in enumerate(present) if ok], numels.device)
                 numels = numels[index]
             mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)) / numels
             finite = torch.isfinite(mean_abs)

@@ -1,10 +1,12 @@
-"""Pack layout: shape buckets, matrix views of conv kernels, padding, op counts."""
+"""Pack layout: shape buckets, matrix views of conv kernels, padding, op counts; host syncs and uploads."""
 
 from __future__ import annotations
 
 import torch
 
-from sd_hina_plugin.engine.pack import plan_packs
+import sd_hina_plugin
+from sd_hina_plugin.diagnostics import OpCounter
+from sd_hina_plugin.engine.pack import Pack, plan_packs
 
 
 def test_buckets_view_same_shape_params_without_copy():
@@ -64,3 +66,35 @@ def test_runs_cover_exactly_the_indexed_parameters_with_adjacent_ones_merged():
                 assert bool(covered[view].all()) == (i in index)  # every element of an indexed tensor, none of another
             assert all(a[1] < b[0] for a, b in zip(runs, runs[1:]))  # adjacent parameters merged into one run
         assert pack.runs(list(range(n))) == [(0, pack.total)]
+
+
+def test_op_counter_counts_host_syncs_and_uploads():
+    """What the conformance suite forbids inside ``step()``: reads of tensor values on the host (syncs on CUDA)
+    and tensors made from host values (uploads, which on CUDA wait for the GPU)."""
+    x = torch.ones(4)
+    with OpCounter() as counter:
+        x.mul_(2.0)                      # a Python scalar argument: neither
+        torch.full((3,), 2.0)            # a fill from a scalar: neither
+        float(x.sum())                   # a sync
+        torch.tensor([1.0, 2.0])         # an upload
+        x[0] = 3.0                       # a Python number assigned into a tensor: an upload
+    assert counter.syncs == 1 and counter.uploads == 2, counter.ops
+
+
+def test_host_values_upload_only_when_the_values_change():
+    opt = sd_hina_plugin.HinaAdamWCore([torch.nn.Parameter(torch.zeros(2))])
+    with OpCounter() as counter:
+        first = opt.host_values("present", [True, False], torch.device("cpu"))
+        again = opt.host_values("present", [True, False], torch.device("cpu"))
+    assert again is first and counter.uploads == 1
+    with OpCounter() as counter:
+        changed = opt.host_values("present", [True, True], torch.device("cpu"))
+    assert counter.uploads == 1 and changed.tolist() == [True, True]
+
+
+def test_numels_are_built_without_an_upload():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3, 4), (3, 4), (5,), ())]
+    pack = Pack(0, torch.device("cpu"), torch.float32, False, params)
+    with OpCounter() as counter:
+        numels = pack.numels()
+    assert counter.uploads == 0 and numels.tolist() == [12.0, 12.0, 5.0, 1.0]
