@@ -1,6 +1,6 @@
 """Optimizer step cost: median ms/step, ratio to torch.optim.AdamW(foreach=True) in the same process (the median
 of the per-round ratios, each round timing every optimizer once, with their quartiles),
-dispatched ops and host syncs per step, and state bytes per parameter.
+dispatched ops, host syncs and host-to-device uploads per step, and state bytes per parameter.
 
 Parameter sets (fp32 unless --dtype bf16):
   lora  200 x (16x768) + 200 x (768x16)  = 4.92 M params in 400 tensors (a rank-16 LoRA shape mix)
@@ -125,7 +125,7 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
             e["opt"].step()
     for e in entries:  # counted after warm-up: state exists, caches are built
         counter = count_step(e["opt"])
-        e["ops"], e["syncs"] = counter.total, counter.syncs
+        e["ops"], e["syncs"], e["uploads"] = counter.total, counter.syncs, counter.uploads
     for rep in range(reps):
         order = entries[rep % len(entries):] + entries[:rep % len(entries)]
         for e in order:
@@ -145,7 +145,7 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
         rows.append({
             "set": set_name, "optimizer": e["label"], "median_ms": round(ms, 2),
             "x_adamw_foreach": round(statistics.median(ratios), 2), "x_quartiles": [round(q1, 2), round(q3, 2)],
-            "ops_per_step": e["ops"], "syncs_per_step": e["syncs"],
+            "ops_per_step": e["ops"], "syncs_per_step": e["syncs"], "uploads_per_step": e["uploads"],
             "state_bytes_per_param": round(state_bytes(e["opt"]) / numel, 3), "tensors": len(shapes), "params": numel,
         })
         e["opt"].zero_grad()
@@ -153,12 +153,12 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| set | optimizer | median ms/step | x AdamW foreach | x quartiles | ops/step | syncs/step | state B/param |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    head = "| set | optimizer | median ms/step | x AdamW foreach | x quartiles | ops/step | syncs/step | uploads/step | state B/param |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q1, q3 = r["x_quartiles"]
         lines.append(f"| {r['set']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['x_adamw_foreach']:.2f} | {q1:.2f}-{q3:.2f} | "
-                     f"{r['ops_per_step']} | {r['syncs_per_step']} | {r['state_bytes_per_param']:.3f} |")
+                     f"{r['ops_per_step']} | {r['syncs_per_step']} | {r['uploads_per_step']} | {r['state_bytes_per_param']:.3f} |")
     return "\n".join(lines)
 
 

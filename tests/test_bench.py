@@ -68,7 +68,7 @@ def test_step_cost_script_reports_per_round_ratios(tmp_path):
     assert rows["torch.AdamW"]["x_adamw_foreach"] == 1.0 and rows["torch.AdamW"]["x_quartiles"] == [1.0, 1.0]
     core = rows["HinaAdamWCore"]
     assert core["x_quartiles"][0] <= core["x_adamw_foreach"] <= core["x_quartiles"][1]
-    assert core["syncs_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
+    assert core["syncs_per_step"] == 0 and core["uploads_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
 
 
 def test_step_cost_ablation_flips_each_switch_once():
