@@ -37,7 +37,7 @@ from ..lora.layout import LoraLayout
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
 from .context import StepContext
-from .pack import Pack, ScratchPool, plan_packs
+from .pack import Pack, ScratchPool, plan_packs, upload
 from .report import Reporting
 from .technique import STAGES, Slot, Technique
 
@@ -342,13 +342,13 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return buf
 
     def host_values(self, name: str, values: list, device: torch.device) -> torch.Tensor:
-        """``torch.tensor(values)`` on ``device``, uploaded only when ``values`` differ from the last call under
-        ``name``. Host-side facts that rarely change (which tensors have a gradient) reach the device this way:
-        on CUDA every upload from host memory waits for the GPU, so a step must not make one each time."""
+        """``torch.tensor(values)`` on ``device``, uploaded (without a sync, see :func:`~.pack.upload`) only when
+        ``values`` differ from the last call under ``name``: host-side facts that rarely change, such as which
+        tensors have a gradient, reach the device this way."""
         key = (tuple(values), str(device))
         cached = self._host_values.get(name)
         if cached is None or cached[0] != key:
-            cached = self._host_values[name] = (key, torch.tensor(values, device=device))
+            cached = self._host_values[name] = (key, upload(values, device))
         return cached[1]
 
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -33,6 +33,17 @@ CHUNK = 1 << 25
 CPU_CHUNK = 1 << 20
 
 
+def upload(values: list, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` without waiting for the GPU. A plain ``torch.tensor(..., device=
+    "cuda")`` copies from pageable memory, which PyTorch follows with a stream synchronisation; here the values
+    go through pinned memory with a non-blocking copy (PyTorch's caching host allocator keeps the pinned block
+    until the copy has run). For per-tensor facts known on the host that a step needs on the device."""
+    host = torch.tensor(values)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Bucket:
     """``count`` same-shape parameters starting at element ``start`` with per-parameter stride ``seg``."""
@@ -116,7 +127,9 @@ class Pack:
             self.offsets.append(offset)
             seg = padded(p.numel()) if self.quantized else p.numel()
             if seg != p.numel():
-                pads.append(torch.arange(offset + p.numel(), offset + seg))
+                # made on the device (an arange is a kernel, not an upload): a temporary pack for the tensors
+                # that have a gradient is built at every step where some have none
+                pads.append(torch.arange(offset + p.numel(), offset + seg, device=self.device))
             shape = tuple(p.shape)
             last = self.buckets[-1] if self.buckets else None
             if last is not None and last.shape == shape and last.start + last.count * last.seg == offset:
@@ -126,7 +139,7 @@ class Pack:
             offset += seg
         self.total = offset
         if pads:
-            self.pad_index = torch.cat(pads).to(self.device)
+            self.pad_index = torch.cat(pads)
 
     def derive(self, key: str, make: Callable[[], Any]) -> Any:
         """``derived[key]``, made by ``make()`` the first time it is asked for."""

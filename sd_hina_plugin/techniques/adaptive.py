@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..config import Field
+from ..engine.pack import upload
 from ..engine.technique import Slot, Technique
 from ..lora.factors import as_matrices
 from ..lora.names import Role
@@ -137,7 +138,7 @@ class AdaptiveImportance(Technique):
                     break
 
         def on_device(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.tensor([i for i, _ in pairs], device=device), torch.tensor([j for _, j in pairs], device=device))
+            return upload([i for i, _ in pairs], device), upload([j for _, j in pairs], device)
 
         found = opt.lora.cache[key] = {
             "params": params, "known": known, "known_index": on_device(known) if known else None,

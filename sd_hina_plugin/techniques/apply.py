@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..config import Field
+from ..engine.pack import upload
 from ..engine.technique import Slot, Technique
 from ..lora.names import Role
 
@@ -89,8 +90,7 @@ class DynamicWeightDecay(Technique):
     def run(self, ctx) -> None:
         ratio = self.multiplier(ctx.hp, ctx.step)
         pack = ctx.pack
-        pack.derive("adapter_mask", lambda: torch.tensor([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params],
-                                                         device=pack.device))
+        pack.derive("adapter_mask", lambda: upload([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params], pack.device))
         pack.derived["wd_ratio"] = ratio if ratio != 1.0 else None
 
     @staticmethod

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..config import Field
+from ..engine.pack import upload
 from ..engine.technique import Technique
 
 CONTEXT_WINDOW = Field("context_window", "int", 50, "Steps of history the context keeps (consistency, gradient norms, losses).",
@@ -76,7 +77,7 @@ class Context:
             self.steps = self.losses = 0
         key = (scales, str(device))
         if self._rates_key != key:  # built once: a host-to-device copy inside step() would wait for the GPU
-            rates = torch.tensor([1.0 / h for h in scales], device=device)
+            rates = upload([1.0 / h for h in scales], device)
             self._rates, self._weights, self._rates_key = rates, rates / rates.sum(), key
         return t
 

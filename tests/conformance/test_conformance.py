@@ -228,15 +228,17 @@ def _all_phases_early(name: str, kwargs: dict) -> dict:
 def test_no_host_syncs_in_step(variant):
     """No step reads a tensor's value on the host, and after the first update (step 2 for ADOPT-style optimizers,
     whose first step only initialises the second moment), during which caches are built, no step makes a tensor
-    from host values (on CUDA, a copy from pageable memory that waits for the GPU), in any phase. On CUDA the
-    steps after the first also run under torch's own detector, which raises on any synchronising call."""
+    from host values, in any phase, unless some tensor has no gradient. On CUDA the steps after the first also
+    run under torch's own detector, which raises on any synchronising call (a copy from pageable memory too)."""
     name, kwargs, lr = variant
     model, data = lora_problem(dtype=param_dtype(name), device=DEVICE)
     opt = make(name, trainable(model), lr, **_all_phases_early(name, kwargs))
-    for i in range(12):
+    for i in range(14):
         x, y = data[i % len(data)]
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        if i >= 12:  # a tensor without a gradient (kohya's module dropout): its pack steps without it
+            trainable(model)[2 + i % 2].grad = None
         if DEVICE.type == "cuda" and i > 0:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
@@ -246,7 +248,8 @@ def test_no_host_syncs_in_step(variant):
             if DEVICE.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         assert counter.syncs == 0, (i + 1, counter.sync_ops())
-        assert i < 2 or counter.uploads == 0, (i + 1, counter.uploads)
+        # where a tensor has no gradient, which ones do is host knowledge the step uploads (without a sync on CUDA)
+        assert i < 2 or i >= 12 or counter.uploads == 0, (i + 1, counter.uploads)
 
 
 def _same_shape_lora(n: int, dtype: torch.dtype):
