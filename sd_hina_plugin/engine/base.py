@@ -248,9 +248,13 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     @staticmethod
     def _buffer(pack: Pack, slot: Slot, key: str, kind: str) -> torch.Tensor:
+        """A new storage buffer for ``key`` of ``slot`` in ``pack``, holding zeros (8-bit codes: the code of 0,
+        which padding must hold, since its blocks' absmax is computed over it)."""
+        if key.endswith(".q"):
+            return torch.full((pack.buffer_size(kind),), quant8.zero_code(slot.signed), dtype=torch.uint8, device=pack.device)
         if kind in ("blocks", "tensor", "rows", "cols"):
             dtype = torch.float32
-        elif kind == "bits" or key.endswith(".q"):
+        elif kind == "bits":
             dtype = torch.uint8
         else:
             dtype = {"fp32": torch.float32, "param": pack.dtype, "bf16": torch.bfloat16, "int8": torch.int8,
@@ -266,8 +270,6 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 pack.storage[key] = buf
                 pack.kinds[key] = kind
                 views = pack.key_views(key, buf)
-                if key.endswith(".q"):
-                    buf.fill_(quant8.zero_code(slot.signed))
                 if slot.init == "param":
                     torch._foreach_copy_(views, pack.params)
                 elif slot.init == "ones":
@@ -404,11 +406,11 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         # rest keep their state and values untouched.
         sub = Pack(pack.group_index, pack.device, pack.dtype, pack.quantized,
                    [p for p, ok in zip(pack.params, present) if ok], tags=pack.tags)
-        for key, buf in pack.storage.items():
-            kind = pack.kinds[key]
-            sub.storage[key] = torch.zeros(sub.buffer_size(kind), dtype=buf.dtype, device=buf.device)
-            sub.kinds[key] = kind
-            torch._foreach_copy_(sub.key_views(key, sub.storage[key]), [self.state[p][key] for p in sub.params])
+        for slot in self._slots(group, pack):
+            for key, kind in self._slot_keys(slot, pack):
+                sub.storage[key] = self._buffer(sub, slot, key, kind)
+                sub.kinds[key] = kind
+                torch._foreach_copy_(sub.key_views(key, sub.storage[key]), [self.state[p][key] for p in sub.params])
         self._run(sub, group, [g for g in grads if g is not None])
         for key, sub_buf in sub.storage.items():
             torch._foreach_copy_([self.state[p][key] for p in sub.params], sub.key_views(key, sub_buf))

@@ -104,3 +104,27 @@ def test_bf16_params_keep_fp32_math(optim_bits):
     assert abs(results["stochastic"] - expected) < 0.1 * expected
     assert abs(results["kahan"] - expected) < 0.1 * expected
     assert results["nearest"] < 0.2 * expected
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_a_tensor_without_gradient_leaves_the_others_as_if_it_were_absent(optim_bits):
+    """A step where some tensors of a pack have no gradient (kohya's module dropout) runs the pack without them.
+    The others end exactly where an optimizer holding only them ends, 8-bit state included: their padded
+    blocks (300 elements in two 256-element blocks) must not see the absent tensors' values or stale padding."""
+    torch.manual_seed(0)
+    shapes = [(300,), (20, 30), (10,)]
+    alone = [torch.nn.Parameter(torch.randn(s)) for s in shapes[:2]]
+    mixed = [torch.nn.Parameter(p.detach().clone()) for p in alone] + [torch.nn.Parameter(torch.randn(shapes[2]))]
+    kwargs = {"optim_bits": optim_bits, "min_8bit_size": 0, "weight_decay": 0.1}
+    opt_alone, opt_mixed = HinaAdamWCore(alone, lr=1e-2, **kwargs), HinaAdamWCore(mixed, lr=1e-2, **kwargs)
+    for step in range(8):
+        for a, b in zip(alone, mixed):
+            g = torch.randn_like(a) * (0.5 ** step)  # falling gradients: a stale larger absmax would show
+            a.grad, b.grad = g.clone(), g.clone()
+        mixed[2].grad = torch.randn_like(mixed[2]) if step % 3 == 0 else None
+        opt_alone.step()
+        opt_mixed.step()
+    for a, b in zip(alone, mixed):
+        assert torch.equal(a, b)
+        for key, value in opt_alone.state[a].items():
+            assert torch.equal(value, opt_mixed.state[b][key]), key
