@@ -19,6 +19,11 @@ rounds, so each row's difference to the first is what the switch costs in this p
 
     python scripts/bench_step.py --set lora --ablate HinaAdamWOptimizer:optim_bits=32
 
+``--module-dropout P`` times steps in which each LoRA module (a down/up pair) has no gradient with probability P,
+as under kohya's ``module_dropout``:
+
+    python scripts/bench_step.py --set lora --module-dropout 0.1 --opt HinaAdamWCore --opt HinaAdamWOptimizer:optim_bits=32
+
 On CPU use one intra-op thread (the default here): two threads made small kernels slower on 2-core machines.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -111,23 +117,41 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, device, lr: float) -> list[dict]:
+def drop_modules(entries: list[dict], p: float, rng: random.Random) -> None:
+    """Module dropout as kohya's LoRA does it: each module (a down/up pair) skips its forward with probability
+    ``p``, so both factors have no gradient this step; the same modules for every optimizer of the round."""
+    if not p:
+        return
+    n = len(entries[0]["grads"])
+    dropped = [rng.random() < p for _ in range((n + 1) // 2)]
+    for e in entries:
+        for i, (param, grad) in enumerate(zip(e["params"], e["grads"])):
+            param.grad = None if dropped[i // 2] else grad
+
+
+def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, device, lr: float,
+            module_dropout: float = 0.0) -> list[dict]:
     shapes = SETS[set_name]
     entries = []
     for text in [REFERENCE] + [o for o in opts if o != REFERENCE]:
         name, kwargs = parse_opt(text)
         named = make_params(set_name, shapes, dtype, device)
         opt = build(name, kwargs, named, lr)
-        entries.append({"label": text, "opt": opt, "times": []})
+        params = [p for _, p in named]
+        entries.append({"label": text, "opt": opt, "times": [], "params": params, "grads": [p.grad for p in params]})
     numel = sum(torch.Size(s).numel() for s in shapes)
+    rng = random.Random(0)
     for _ in range(warmup):
+        drop_modules(entries, module_dropout, rng)
         for e in entries:
             e["opt"].step()
+    drop_modules(entries, module_dropout, rng)
     for e in entries:  # counted after warm-up: state exists, caches are built
         counter = count_step(e["opt"])
         e["ops"], e["syncs"], e["uploads"] = counter.total, counter.syncs, counter.uploads
     for rep in range(reps):
         order = entries[rep % len(entries):] + entries[:rep % len(entries)]
+        drop_modules(entries, module_dropout, rng)
         for e in order:
             sync(device)
             start = time.perf_counter()
@@ -175,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--module-dropout", type=float, default=0.0,
+                        help="LoRA set: each module (down/up pair) has no gradient in a step with this probability, "
+                             "as under kohya's module_dropout (the same modules for every optimizer of a round)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -187,8 +214,9 @@ def main(argv=None) -> int:
     rows = []
     for set_name in args.set or ["lora", "full"]:
         reps = args.reps or (30 if set_name == "lora" else 7)
-        rows += run_set(set_name, opts, reps, args.warmup, dtype, device, args.lr)
-    print(f"torch {torch.__version__}, device {device}, {args.dtype}, threads {torch.get_num_threads()}")
+        rows += run_set(set_name, opts, reps, args.warmup, dtype, device, args.lr, args.module_dropout)
+    dropout = f", module dropout {args.module_dropout}" if args.module_dropout else ""
+    print(f"torch {torch.__version__}, device {device}, {args.dtype}, threads {torch.get_num_threads()}{dropout}")
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

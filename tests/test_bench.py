@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sd_hina_plugin import cli
 from sd_hina_plugin.bench.runner import BASELINE, parse_optimizer
@@ -69,6 +70,29 @@ def test_step_cost_script_reports_per_round_ratios(tmp_path):
     core = rows["HinaAdamWCore"]
     assert core["x_quartiles"][0] <= core["x_adamw_foreach"] <= core["x_quartiles"][1]
     assert core["syncs_per_step"] == 0 and core["uploads_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
+
+
+def test_step_cost_script_drops_the_same_modules_for_every_optimizer(tmp_path):
+    """--module-dropout: in a round, both factors of a dropped module have no gradient, in every optimizer's copy."""
+    import random
+
+    bench_step = _bench_step_module()
+    grads = [torch.ones(1) for _ in range(6)]
+    entries = [{"params": [torch.nn.Parameter(torch.zeros(1)) for _ in range(6)], "grads": grads} for _ in range(2)]
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(20):
+        bench_step.drop_modules(entries, 0.5, rng)
+        pattern = [p.grad is None for p in entries[0]["params"]]
+        assert pattern == [p.grad is None for p in entries[1]["params"]]
+        assert pattern[0::2] == pattern[1::2]  # down and up of a module together
+        seen.add(tuple(pattern))
+    assert len(seen) > 2
+    out = tmp_path / "rows.json"
+    assert bench_step.main(["--set", "lora", "--opt", "HinaAdamWCore", "--reps", "2", "--warmup", "1",
+                            "--module-dropout", "0.3", "--json", str(out)]) == 0
+    core = {row["optimizer"]: row for row in json.loads(out.read_text())}["HinaAdamWCore"]
+    assert core["syncs_per_step"] == 0
 
 
 def test_step_cost_ablation_flips_each_switch_once():

@@ -393,31 +393,47 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     def _step_pack(self, pack: Pack, group: dict[str, Any]) -> None:
         grads = [p.grad for p in pack.params]
-        present = [g is not None for g in grads]
-        if not any(present):
+        absent = [i for i, g in enumerate(grads) if g is None]
+        if len(absent) == len(grads):
             return
         for p, g in zip(pack.params, grads):
             if g is not None and g.is_sparse:
                 raise RuntimeError(f"{self.NAME}: sparse gradients are not supported (parameter of shape {tuple(p.shape)})")
-        if all(present):
+        if not absent:
             self._run(pack, group, grads)
             return
-        # Some parameters have no gradient this step: run on a temporary pack of the others so that the
-        # rest keep their state and values untouched.
-        sub = Pack(pack.group_index, pack.device, pack.dtype, pack.quantized,
-                   [p for p, ok in zip(pack.params, present) if ok], tags=pack.tags)
-        for slot in self._slots(group, pack):
-            for key, kind in self._slot_keys(slot, pack):
-                sub.storage[key] = self._buffer(sub, slot, key, kind)
-                sub.kinds[key] = kind
-                torch._foreach_copy_(sub.key_views(key, sub.storage[key]), [self.state[p][key] for p in sub.params])
-        self._run(sub, group, [g for g in grads if g is not None])
-        for key, sub_buf in sub.storage.items():
-            torch._foreach_copy_([self.state[p][key] for p in sub.params], sub.key_views(key, sub_buf))
+        # Some tensors have no gradient this step (kohya's module dropout skips whole LoRA modules): the pack runs
+        # with them skipped, as tensors with a non-finite gradient are (zero gradient, no update, no decay), and
+        # their state and values are put back afterwards, so that they are untouched. Copying those few tensors
+        # costs far less than running the others as a separate pack with copies of all their state.
+        saved = self._save(pack, absent)
+        self._run(pack, group, grads, absent)
+        self._put_back(pack, absent, saved)
 
-    def _run(self, pack: Pack, group: dict[str, Any], grads: list[torch.Tensor]) -> None:
+    def _absent_views(self, pack: Pack, absent: list[int]) -> dict[str | None, list[torch.Tensor]]:
+        """The values (key ``None``) and every state slot of the tensors at ``absent``."""
+        out: dict[str | None, list[torch.Tensor]] = {None: [pack.params[i].detach() for i in absent]}
+        for key, buf in pack.storage.items():
+            views = pack.key_views(key, buf)
+            out[key] = [views[i] for i in absent]
+        return out
+
+    def _save(self, pack: Pack, absent: list[int]) -> dict[str | None, torch.Tensor]:
+        return {key: torch.cat([v.reshape(-1) for v in views]) for key, views in self._absent_views(pack, absent).items()}
+
+    def _put_back(self, pack: Pack, absent: list[int], saved: dict[str | None, torch.Tensor]) -> None:
+        for key, views in self._absent_views(pack, absent).items():
+            parts = saved[key].split([v.numel() for v in views])
+            torch._foreach_copy_(views, [part.view(v.shape) for part, v in zip(parts, views)])
+
+    def _run(self, pack: Pack, group: dict[str, Any], grads: list[torch.Tensor | None], absent: list[int] = ()) -> None:
         g = self._scratch("g", pack)
-        torch._foreach_copy_(pack.views(g), grads)
+        views = pack.views(g)
+        if absent:
+            torch._foreach_copy_([v for v, x in zip(views, grads) if x is not None], [x for x in grads if x is not None])
+            torch._foreach_zero_([views[i] for i in absent])
+        else:
+            torch._foreach_copy_(views, grads)
         if pack.pad_index is not None:
             g.index_fill_(0, pack.pad_index, 0.0)
         states: dict[str, torch.Tensor] = {}
@@ -436,6 +452,11 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 states[slot.name] = pack.storage[slot.name]
         ctx = StepContext(self, pack, group, g, states)
         self._screen_nonfinite(ctx)
+        if absent:
+            present = [1.0] * len(pack.params)
+            for i in absent:
+                present[i] = 0.0
+            ctx.keep.mul_(self.host_values(f"present.{id(pack)}", present, pack.device))
         masked = False
         for tech in self.techniques(group):
             if tech.stage == "apply" and not masked:  # skipped tensors: no update (decay masked at the write)

@@ -127,8 +127,7 @@ class Pack:
             self.offsets.append(offset)
             seg = padded(p.numel()) if self.quantized else p.numel()
             if seg != p.numel():
-                # made on the device (an arange is a kernel, not an upload): a temporary pack for the tensors
-                # that have a gradient is built at every step where some have none
+                # made on the device: an arange is a kernel, not an upload
                 pads.append(torch.arange(offset + p.numel(), offset + seg, device=self.device))
             shape = tuple(p.shape)
             last = self.buckets[-1] if self.buckets else None

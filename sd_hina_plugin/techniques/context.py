@@ -3,7 +3,7 @@ history of the training signal, kept on the device and fed without a closure.
 
 Every step (``ContextProbe``, before the momentum update) the optimizer sums, over all its tensors,
 ``<u, m_prev>``, ``|u|^2``, ``|m_prev|^2`` and ``|g|^2`` (u: the normalised gradient, m_prev: the momentum
-before this step). After the step (``finish``) the context records
+before this step; a tensor skipped this step, for a missing or non-finite gradient, adds only its |m_prev|^2). After the step (``finish``) the context records
 
     c_t = <u, m_prev> / (|u| |m_prev|)     gradient consistency in [-1, 1] (0 while m is zero)
     n_t = |g|                              gradient norm

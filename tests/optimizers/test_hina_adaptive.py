@@ -50,6 +50,33 @@ def test_importance_is_a_relative_signal_not_a_decay():
     assert opt.stats()["hina/importance/mean"] == pytest.approx(stats["mean"], rel=1e-5)
 
 
+def test_importance_and_mask_still_apply_in_steps_where_a_tensor_has_no_gradient(monkeypatch):
+    """Steps where some tensor has no gradient (module dropout) are still scaled by importance, and the lr-mask means
+    stay one per pack (such steps once ran a temporary pack, which the per-pack caches did not know)."""
+    from sd_hina_plugin.techniques.adaptive import AdaptiveImportance
+
+    named = _named()
+    opt = AdamW_HinaAdaptive([p for _, p in named], optim_bits=32, warmup_steps=3).attach_names(named)
+    _run(opt, named, 8)
+    scaled = []
+    run = AdaptiveImportance.run
+
+    def spy(self, ctx):
+        scaled.append(id(ctx.pack) in ctx.opt.step_cache.get(self.name, {}))
+        run(self, ctx)
+
+    monkeypatch.setattr(AdaptiveImportance, "run", spy)
+    for _, p in named:
+        p.grad = torch.randn_like(p) * 0.01
+    dropped = named[0][1]
+    dropped.grad = None
+    before = dropped.detach().clone()
+    opt.step()
+    assert torch.equal(dropped, before)
+    assert scaled and all(scaled), scaled
+    assert len(opt.mask_means) == len(opt.packs())
+
+
 @pytest.mark.parametrize("strength", [0.0, 0.25, 1.0])
 def test_adaptation_strength_bounds_the_scale(strength):
     named = _named()
