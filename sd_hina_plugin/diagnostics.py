@@ -9,7 +9,8 @@ count the same on CPU, so the check runs anywhere.
 Uploads are tensors made from host values (``torch.tensor([...])``, ``torch.as_tensor``, a Python number
 assigned into a tensor): ``aten.lift_fresh``. On CUDA such a tensor reaches the device by a copy from
 pageable host memory, which PyTorch follows with a stream synchronisation: the host waits for all queued
-GPU work. A step may make them while it builds caches (its first step); counted on any device.
+GPU work (``engine.pack.upload`` goes through pinned memory instead, which does not wait). A step makes them
+only while it builds caches (its first update) and where some tensor has no gradient; counted on any device.
 """
 
 from __future__ import annotations
