@@ -252,6 +252,31 @@ def test_no_host_syncs_in_step(variant):
         assert i < 2 or i >= 12 or counter.uploads == 0, (i + 1, counter.uploads)
 
 
+def test_steps_on_meta_tensors(variant):
+    """A step keeps its tensors on the parameters' device, in every phase and with a tensor without gradient. On
+    ``meta`` tensors (shapes, no data) an out-of-place op that mixes in a CPU tensor fails, as it would with CUDA
+    parameters, so this catches on a CPU much of what only a GPU run would show (not all: meta's in-place
+    kernels accept a CPU operand, CUDA's do not). 8-bit state (bitsandbytes' kernels) and stochastic rounding
+    (random generators) have no meta implementation: those variants are left to the GPU run."""
+    name, kwargs, lr = variant
+    fields = registry.resolve(name).config.FIELDS
+    if param_dtype(name) != torch.float32 or kwargs.get("optim_bits") == 8 or "8bit" in name or kwargs.get("min_8bit_size") == 0:
+        pytest.skip("8-bit state and bf16 stochastic rounding have no meta kernels")
+    kwargs = {**_all_phases_early(name, kwargs), **({"optim_bits": 32} if "optim_bits" in fields else {})}
+    shapes = {"lora_unet_a.lora_down.weight": (16, 40), "lora_unet_a.lora_up.weight": (40, 16),
+              "lora_unet_b.lora_down.weight": (4, 8, 3, 3), "lora_unet_b.lora_up.weight": (8, 4, 1, 1),
+              "lora_unet_b.scale": (12,)}
+    named = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in shapes.items()]
+    opt = make(name, named, lr, **kwargs)
+    for i in range(8):
+        for _, p in named:
+            p.grad = torch.empty_like(p)
+        if i == 6:
+            named[0][1].grad = None
+        opt.step()
+    assert all(v.device.type == "meta" for p in opt.state.values() for v in p.values() if isinstance(v, torch.Tensor))
+
+
 def _same_shape_lora(n: int, dtype: torch.dtype):
     torch.manual_seed(0)
     params = [torch.nn.Parameter((torch.randn(16, 96) * 0.02).to(DEVICE, dtype)) for _ in range(n // 2)]
