@@ -406,25 +406,12 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         # with them skipped, as tensors with a non-finite gradient are (zero gradient, no update, no decay), and
         # their state and values are put back afterwards, so that they are untouched. Copying those few tensors
         # costs far less than running the others as a separate pack with copies of all their state.
-        saved = self._save(pack, absent)
+        targets = [[pack.params[i].detach() for i in absent]]  # their values, then each state slot's views
+        targets += [[views[i] for i in absent] for views in (pack.key_views(k, buf) for k, buf in pack.storage.items())]
+        copies = [torch.cat([t.reshape(-1) for t in ts]) for ts in targets]
         self._run(pack, group, grads, absent)
-        self._put_back(pack, absent, saved)
-
-    def _absent_views(self, pack: Pack, absent: list[int]) -> dict[str | None, list[torch.Tensor]]:
-        """The values (key ``None``) and every state slot of the tensors at ``absent``."""
-        out: dict[str | None, list[torch.Tensor]] = {None: [pack.params[i].detach() for i in absent]}
-        for key, buf in pack.storage.items():
-            views = pack.key_views(key, buf)
-            out[key] = [views[i] for i in absent]
-        return out
-
-    def _save(self, pack: Pack, absent: list[int]) -> dict[str | None, torch.Tensor]:
-        return {key: torch.cat([v.reshape(-1) for v in views]) for key, views in self._absent_views(pack, absent).items()}
-
-    def _put_back(self, pack: Pack, absent: list[int], saved: dict[str | None, torch.Tensor]) -> None:
-        for key, views in self._absent_views(pack, absent).items():
-            parts = saved[key].split([v.numel() for v in views])
-            torch._foreach_copy_(views, [part.view(v.shape) for part, v in zip(parts, views)])
+        for ts, flat in zip(targets, copies):
+            torch._foreach_copy_(ts, [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in ts]), ts)])
 
     def _run(self, pack: Pack, group: dict[str, Any], grads: list[torch.Tensor | None], absent: list[int] = ()) -> None:
         g = self._scratch("g", pack)
