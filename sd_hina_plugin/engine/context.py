@@ -207,7 +207,11 @@ class StepContext:
         low = self.scratch("p_low", pack.dtype)
         if rule == "kahan":
             low.copy_(p32)
-            kahan_add_(low, pack.storage["kahan_comp"], new.sub_(p32), work=self.temp(1))
+            comp = pack.storage["kahan_comp"]
+            # skipped tensors keep value and compensation: their pending compensation alone must not enter the
+            # write (where it is exactly half an ulp, which its bf16 storage makes possible, it would move the value)
+            applied = None if self.keep is None else self.tensor_scale_(self.scratch("kahan_applied").copy_(comp), self.keep)
+            kahan_add_(low, comp, new.sub_(p32), work=self.temp(1), applied=applied)
         elif rule == "stochastic" and pack.dtype == torch.bfloat16:
             stochastic_round_(low, new, self.opt._generator(pack.device), scratch=self.scratch("sr_bits", torch.int32))
         else:

@@ -37,14 +37,17 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Gen
     return dst
 
 
-def kahan_add_(param: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor, work: torch.Tensor | None = None) -> None:
+def kahan_add_(param: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor, work: torch.Tensor | None = None,
+               applied: torch.Tensor | None = None) -> None:
     """``param += delta`` for low-precision ``param`` with Kahan compensation ``comp`` (same dtype).
 
     ``delta`` is fp32. After the call ``param + comp`` equals the exact sum up to ``comp``'s own rounding.
-    ``work`` is an optional fp32 scratch of the same size.
+    ``work`` is an optional fp32 scratch of the same size. ``applied``, if given, is the part of ``comp`` (fp32,
+    overwritten) that may enter ``param`` now: where it is 0, ``param`` only receives ``delta`` and keeps the
+    rest of its compensation (a skipped tensor, ``delta`` 0, then keeps both exactly).
     """
     y = torch.add(delta, comp, out=work) if work is not None else delta + comp.float()
     old = param.float()
-    param.copy_(old + y)
-    # comp = y - (new - old): what the rounding of param dropped this time.
+    param.copy_(old + (y if applied is None else applied.add_(delta)))
+    # comp = y - (new - old): what param does not hold yet of everything added so far.
     comp.copy_(y.sub_(param.float().sub_(old)))

@@ -128,3 +128,30 @@ def test_a_tensor_without_gradient_leaves_the_others_as_if_it_were_absent(optim_
         assert torch.equal(a, b)
         for key, value in opt_alone.state[a].items():
             assert torch.equal(value, opt_mixed.state[b][key]), key
+
+
+@pytest.mark.parametrize("rule", ["kahan", "stochastic", "nearest"])
+def test_a_skipped_bf16_tensor_keeps_its_value_and_state_under_every_write_rule(rule):
+    """A tensor whose gradient is not finite is skipped: its bf16 value and its state stay exactly as they were,
+    whatever the write rule. Under Kahan the write must not apply the tensor's pending compensation alone (a
+    compensation of exactly half an ulp, which bf16 storage of the compensation produces, would move the value
+    by one ulp)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64).bfloat16()) for _ in range(2)]
+    opt = HinaAdamWCore(params, lr=1e-3, low_precision_update=rule, weight_decay=0.1)
+    skipped = 0
+    for step in range(40):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step >= 5 and step % 2:
+            params[0].grad[0, 0] = float("nan")
+            before = params[0].detach().clone()
+            state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+            opt.step()
+            assert torch.equal(params[0], before), step
+            comp = opt.state[params[0]].get("kahan_comp")
+            assert comp is None or torch.equal(comp, state["kahan_comp"]), step
+            skipped += 1
+        else:
+            opt.step()
+    assert skipped == 18
