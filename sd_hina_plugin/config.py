@@ -46,6 +46,8 @@ class Field:
     high_open: bool = False
     choices: tuple[Any, ...] | None = None
     length: int | None = None
+    #: None is a value too (its meaning is in the help text, e.g. "relative to the lr when not given")
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -53,6 +55,10 @@ class Field:
 
     # -- description ----------------------------------------------------------------------------------
     def range_text(self) -> str:
+        text = self._range_text()
+        return f"{text}, or None" if self.optional else text
+
+    def _range_text(self) -> str:
         if self.kind == "bool":
             return "True or False"
         if self.choices:
@@ -77,6 +83,10 @@ class Field:
         where = f"{owner}: argument {self.name!r} = {value!r}"
         if isinstance(value, str) and self.kind not in ("str",):
             value = _parse_text(value)
+            if self.optional and isinstance(value, str) and value.lower() == "none":
+                value = None
+        if value is None and self.optional:
+            return None
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -151,6 +161,8 @@ class Field:
 
     def to_text(self, value: Any) -> str:
         """A literal that kohya's ``ast.literal_eval`` and :meth:`coerce` both read back as ``value``."""
+        if value is None:
+            return "None"
         if self.kind == "floats":
             return "(" + ", ".join(repr(float(v)) for v in value) + ")"
         if self.kind == "ints":

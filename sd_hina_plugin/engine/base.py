@@ -124,6 +124,9 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         validated = self.Config.from_kwargs(overrides)
         group.update(validated.as_dict())
         group.setdefault("step", 0)
+        # the lr the group was built with: the unit of the per-element lr masks (a scheduler's warm-up, which
+        # starts after construction, never moves it; torch's schedulers record the same value as initial_lr)
+        group.setdefault("hina_lr0", float(group["lr"]))
         for j, p in enumerate(group["params"]):
             if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
                 raise TypeError(
@@ -445,12 +448,15 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 present[i] = 0.0
             ctx.keep.mul_(self.host_values(f"present.{id(pack)}", present, pack.device))
         masked = False
-        for tech in self.techniques(group):
+        techniques = self.techniques(group)
+        for k, tech in enumerate(techniques):
             if tech.stage == "apply" and not masked:  # skipped tensors: no update (decay masked at the write)
                 self._mask_skipped(ctx, ctx.u)
                 masked = True
             tech.run(ctx)
             if ctx.done:
+                for later in techniques[k + 1:]:
+                    later.skipped(ctx)
                 break
         for slot in quantized:
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)

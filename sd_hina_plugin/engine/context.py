@@ -165,7 +165,10 @@ class StepContext:
         decay = self.decay
         if not isinstance(decay, torch.Tensor) and decay == 1.0:
             return 1.0
-        return decay if self.keep is None else self.keep * (decay - 1.0) + 1.0
+        if self.keep is None:
+            return decay
+        keep = self.keep.double() if self.pack.dtype == torch.float64 else self.keep  # float64 weights: factors in float64
+        return keep * (decay - 1.0) + 1.0
 
     def decay_flat_(self, x: torch.Tensor, decay: float | torch.Tensor | None = None) -> torch.Tensor:
         """Apply the decay (float or per tensor; ``effective_decay()`` unless given) to flat ``x`` in place."""

@@ -104,3 +104,8 @@ class Technique:
 
     def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def skipped(self, ctx: "StepContext") -> None:
+        """Called instead of :meth:`run` when an earlier technique ended the step (``ctx.done``: ADOPT's and
+        CAME's first step only initialise), for techniques that must still observe the gradient (the lr mask
+        records its signs, so that the second step can compare against them)."""

@@ -46,5 +46,4 @@ class Automagic_Sinkgd(HinaOptimizer):  # noqa: N801 - the upstream name
         VelocityRegularization(), ProdigyLrMask(switch=None), AllLoraRowScale(ETA, switch=FULL, switch_on=False),
         AdaptiveWeightDecay(), WriteParams(),
     )
-    Config = config_for(NAME, TECHNIQUES, defaults={
-        "lr_bump": 1e-5, "min_lr": 1e-6, "max_lr": 1e-2, "warmup_steps": 500, "low_precision_update": "stochastic"})
+    Config = config_for(NAME, TECHNIQUES, defaults={"warmup_steps": 500, "low_precision_update": "stochastic"})

@@ -15,8 +15,9 @@
   correlation between the column norms of X and the row norms of Y over the shared dimension, and kept if
   the score reaches ``compatibility_threshold``.
 * Related tensors share importance: ``imp_i <- (1 - c/2) imp_i + (c/2) imp_partner``.
-* The update is scaled by ``clamp(importance, 1/(1+a), 1+a)``, ``a = adaptation_strength``
-  (``a = 0``: no effect).
+* The update is scaled by ``clamp(importance^a, 1/(1+a), 1+a)``, ``a = adaptation_strength``: ``a = 0`` no
+  effect, ``a = 1`` the importance itself, larger ``a`` a stronger adjustment (importance stays near
+  0.8-1.6 on LoRA runs, so a bound alone, as before, left every ``a >= 1`` identical).
 
 All of it is per-tensor state (``adapt.*`` keys) computed on the device: checkpointed, moved with the
 optimizer, no host syncs. ``importance_decay`` and ``relationship_discovery_interval`` are read from the
@@ -43,7 +44,8 @@ from ..lora.factors import as_matrices
 from ..lora.names import Role
 
 USE_DYNAMIC = Field("use_dynamic_adaptation", "bool", True, "Scale each tensor's update by its relative importance.")
-STRENGTH = Field("adaptation_strength", "float", 1.0, "Importance scales lie in [1/(1+a), 1+a]; 0 disables the scaling.", low=0.0)
+STRENGTH = Field("adaptation_strength", "float", 1.0,
+                 "Strength a of the importance scaling: updates scaled by importance^a, within [1/(1+a), 1+a]; 0 disables it.", low=0.0)
 INTERVAL = Field("relationship_discovery_interval", "int", 100, "Steps between rebuilds of parameter relationships.", low=1)
 DECAY = Field("importance_decay", "float", 0.95, "EMA decay of the importance statistics and of importance itself.", low=0.0, high=1.0, high_open=True)
 THRESHOLD = Field("compatibility_threshold", "float", 0.3, "Minimum compatibility for a discovered (unnamed) relationship.", low=0.0, high=1.0)
@@ -186,14 +188,50 @@ class AdaptiveImportance(Technique):
         blended = ctx.opt.step_cache.get(self.name, {}).get(id(ctx.pack))
         if blended is not None:
             a = ctx.hp["adaptation_strength"]
-            ctx.tensor_scale_(ctx.u, blended.clamp(1.0 / (1.0 + a), 1.0 + a))
+            if a:  # importance^a: a = 1 the importance itself, a > 1 sharper, a < 1 milder; bounded as documented
+                ctx.tensor_scale_(ctx.u, blended.pow(a).clamp_(1.0 / (1.0 + a), 1.0 + a))
 
 
 USE_LR_MASK = Field("use_lr_mask", "bool", True, "Per-element lr multiplier learned from gradient sign agreement during warm-up.")
-LR_BUMP = Field("lr_bump", "float", 3e-6, "Step of the lr mask, in lr units (relative to the group's first lr).", low=0.0)
-MIN_LR = Field("min_lr", "float", 1e-7, "Lower bound of the masked lr (relative to the group's first lr).", low=0.0)
-MAX_LR = Field("max_lr", "float", 1e-3, "Upper bound of the masked lr (relative to the group's first lr).", low=0.0)
+LR_BUMP = Field("lr_bump", "float", None,
+                "Absolute step of the per-element lr (lr units); None: lr_mask_bump times the group's lr.", low=0.0, optional=True)
+MIN_LR = Field("min_lr", "float", None,
+               "Absolute lower bound of the per-element lr; None: lr_mask_bounds[0] times the group's lr.", low=0.0, optional=True)
+MAX_LR = Field("max_lr", "float", None,
+               "Absolute upper bound of the per-element lr; None: lr_mask_bounds[1] times the group's lr.", low=0.0, optional=True)
+MASK_BUMP = Field("lr_mask_bump", "float", 0.01,
+                  "Step of the lr mask's multiplier per step, as a fraction of the group's lr (when lr_bump is None).", low=0.0)
+MASK_BOUNDS = Field("lr_mask_bounds", "floats", (0.1, 10.0),
+                    "Bounds of the lr mask's multiplier, relative to the group's lr (when min_lr / max_lr are None).",
+                    low=0.0, length=2)
 WARMUP = Field("warmup_steps", "int", 500, "Steps during which the lr mask learns; frozen afterwards.", low=0)
+
+
+def mask_unit(group) -> float:
+    """The lr mask's unit ``lr0``: the group's lr when the optimizer was built (``hina_lr0``), the lr the user
+    asked for. Never a value a scheduler passes through: a warm-up from 0 would otherwise make the unit tiny
+    and every bound and bump (``/ lr0``) huge. A group built with lr 0 takes the scheduler's ``initial_lr``,
+    else its first positive lr (then kept). 0 while none is known: the mask then waits."""
+    lr0 = float(group.get("hina_lr0") or 0.0)
+    if lr0 > 0:
+        return lr0
+    for candidate in (group.get("initial_lr"), group.get("lr")):
+        if candidate is not None and float(candidate) > 0:
+            group["hina_lr0"] = float(candidate)
+            return group["hina_lr0"]
+    return 0.0
+
+
+def mask_settings(hp, lr0: float) -> tuple[float, float, float]:
+    """(bump, lo, hi) of the mask's multiplier for unit ``lr0``: ``lr_bump``, ``min_lr``, ``max_lr`` divided by
+    ``lr0`` where given (absolute lrs, as in the upstream configs), else the relative ``lr_mask_bump`` and
+    ``lr_mask_bounds``. The per-element lr is ``lr * multiplier``, so it lies in ``[lo, hi] * lr``: within
+    ``[min_lr, max_lr]`` whenever the schedule's lr is at most the built-with lr."""
+    rel_lo, rel_hi = hp["lr_mask_bounds"]
+    bump = hp["lr_bump"] / lr0 if hp["lr_bump"] is not None else hp["lr_mask_bump"]
+    lo = hp["min_lr"] / lr0 if hp["min_lr"] is not None else rel_lo
+    hi = hp["max_lr"] / lr0 if hp["max_lr"] is not None else rel_hi
+    return bump, lo, hi
 
 
 def lattice_bounds(delta: float, lo: float, hi: float) -> tuple[int, int]:
@@ -215,7 +253,7 @@ class LrMask(Technique):
 
     name = "lr_mask"
     stage = "scale"
-    fields = (LR_BUMP, MIN_LR, MAX_LR, WARMUP)
+    fields = (LR_BUMP, MIN_LR, MAX_LR, MASK_BUMP, MASK_BOUNDS, WARMUP)
     slots = (Slot("lr_mask.steps", dtype="int16"), Slot("lr_mask.sign", dtype="int8"))
     summary = "Automagic-style per-element lr multiplier (relative to the group lr), learned during warm-up, kept exactly"
 
@@ -227,12 +265,18 @@ class LrMask(Technique):
         return 1
 
     def delta(self, hp, lr0: float) -> float:
-        return hp["lr_bump"] / lr0 / self.units(hp)
+        return mask_settings(hp, lr0)[0] / self.units(hp)
+
+    def multiplier_bounds(self, group) -> tuple[float, float]:
+        """The documented bounds of the multiplier (the per-element lr is ``group["lr"]`` times it)."""
+        lr0 = mask_unit(group)
+        return mask_settings(group, lr0)[1:] if lr0 > 0 else (1.0, 1.0)
 
     def mask_of(self, opt, group, p) -> torch.Tensor:
         """The multiplier of parameter ``p`` (fp32, relative to the group's lr)."""
-        lr0 = group.get("hina_lr0", group["lr"])
-        return 1.0 + self.delta(group, lr0) * opt.state[p]["lr_mask.steps"].float()
+        steps = opt.state[p]["lr_mask.steps"].float()
+        lr0 = mask_unit(group)
+        return 1.0 + self.delta(group, lr0) * steps if lr0 > 0 else torch.ones_like(steps)
 
     # -- what subclasses with another storage or polarity replace ----------------------------------------------
     def agreement(self, ctx) -> torch.Tensor:
@@ -251,18 +295,19 @@ class LrMask(Technique):
         """Store the updated counts (nothing to do when :meth:`read_steps` returned the storage itself)."""
 
     def bounds(self, ctx, delta: float, lr0: float) -> tuple[int, int]:
-        return lattice_bounds(delta, ctx.hp["min_lr"] / lr0, ctx.hp["max_lr"] / lr0)
+        return lattice_bounds(delta, *mask_settings(ctx.hp, lr0)[1:])
 
     # -- the step -------------------------------------------------------------------------------------------
     def run(self, ctx) -> None:
         hp = ctx.hp
-        lr0 = hp.setdefault("hina_lr0", ctx.lr)  # the group's lr at its first step: the mask's unit
-        if lr0 <= 0:
+        lr0 = mask_unit(hp)
+        if lr0 <= 0:  # built with lr 0 and no positive lr seen yet: nothing to scale
             return
         delta = self.delta(hp, lr0)
         agree = self.agreement(ctx) if ctx.step <= hp["warmup_steps"] else None
         if delta == 0:  # no bumps: the multiplier is 1, kept within the bounds
-            ctx.u.mul_(min(max(1.0, hp["min_lr"] / lr0), hp["max_lr"] / lr0))
+            _, lo, hi = mask_settings(hp, lr0)
+            ctx.u.mul_(min(max(1.0, lo), hi))
             return
         steps = self.read_steps(ctx, lr0)
         if agree is not None and ctx.step > 1:  # the first step only records the signs
@@ -283,6 +328,14 @@ class LrMask(Technique):
             real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
             ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + delta * ctx.tensor_sum(count).sum() / real, real)
         ctx.u.addcmul_(ctx.u, count, value=delta)  # u (1 + delta j)
+
+    def record(self, ctx) -> None:
+        """Store this step's gradient signs (the first step's, for the second step to compare against)."""
+        self.agreement(ctx)
+
+    def skipped(self, ctx) -> None:
+        if ctx.step <= ctx.hp["warmup_steps"]:
+            self.record(ctx)
 
     def bumps(self, ctx, units: int) -> tuple[Any, Any]:
         """Upward and downward steps in lattice steps (ints, or per-tensor int16 vectors in subclasses)."""

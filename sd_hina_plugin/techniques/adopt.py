@@ -1,7 +1,8 @@
 """ADOPT (Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate", arXiv 2411.02853).
 
     t = 1:   v <- g^2 and no update
-    t > 1:   x = clip(g / max(sqrt(v), eps), t^(1/4))        (v from the previous step: it excludes g_t)
+    t > 1:   x = clip(g / max(sqrt(v), eps), (t-1)^(1/4))    (v from the previous step: it excludes g_t;
+                                                             t - 1 is the paper's update count k, 1 at the first)
              m <- b1 m + (1 - b1) x        u = m               (no bias correction, as in the paper)
              v <- b2 v + (1 - b2) g^2                          (after the normalization)
 
@@ -33,7 +34,7 @@ class AdoptScale(Technique):
             return
         # g / max(sqrt(v), eps) as g * rsqrt(max(v, eps^2)): the same value, passes that stay in place
         x = torch.clamp_min(v, ctx.hp["eps"] ** 2, out=ctx.moment_input()).rsqrt_().mul_(g)
-        clip = ctx.step ** 0.25
+        clip = (ctx.step - 1) ** 0.25  # the paper's k counts updates: k = 1 at the first update (our step 2)
         x.clamp_(-clip, clip)
         ctx.m_in = x
 

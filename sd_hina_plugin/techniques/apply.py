@@ -41,7 +41,10 @@ def decay_factors(ctx, amount: float) -> float | torch.Tensor:
     ratio = ctx.pack.derived.get("wd_ratio")
     if ratio is None or not amount:
         return 1.0 - amount
-    return torch.where(ctx.pack.derived["adapter_mask"], 1.0 - amount * ratio, 1.0 - amount)
+    mask = ctx.pack.derived["adapter_mask"]
+    if ctx.pack.dtype == torch.float64:  # formed in float64 (a where over two Python floats gives fp32)
+        return torch.full(mask.shape, 1.0 - amount, dtype=torch.float64, device=mask.device).masked_fill_(mask, 1.0 - amount * ratio)
+    return torch.where(mask, 1.0 - amount * ratio, 1.0 - amount)
 
 
 class DecoupledWeightDecay(Technique):

@@ -45,7 +45,7 @@ import torch
 from ..config import Field
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
-from .adaptive import LR_BUMP, MAX_LR, MIN_LR, LrMask, lattice_bounds
+from .adaptive import LR_BUMP, MASK_BOUNDS, MASK_BUMP, MAX_LR, MIN_LR, LrMask, lattice_bounds, mask_settings, mask_unit
 
 BETAS = Field("betas", "floats", (0.8, 0.99, 0.999),
               "(b1, b2, b3): momentum, CAME's second moment, the confidence residual.", low=0.0, high=1.0, high_open=True, length=3)
@@ -110,11 +110,7 @@ class CameSecondMoment(Technique):
 
     def run(self, ctx) -> None:
         hp = ctx.hp
-        first = ctx.step == 1
-        if first:  # the lr mask compares gradient signs from the second step on: record the first ones
-            for tech in ctx.opt.techniques(hp):
-                if isinstance(tech, LatticeLrMask):
-                    tech.record(ctx)
+        first = ctx.step == 1  # (the lr mask records the first signs in its ``skipped``)
         if not hp["came"]:
             if first:
                 ctx.done = True
@@ -286,7 +282,7 @@ class LatticeLrMask(LrMask):
     bits: 1.125 B/param.
     """
 
-    fields = (LR_BUMP, MIN_LR, MAX_LR, WARMUP)
+    fields = (LR_BUMP, MIN_LR, MAX_LR, MASK_BUMP, MASK_BOUNDS, WARMUP)
     summary = "automagic lr mask: exact lattice of +-lr_bump/lr0 steps by gradient-sign agreement while t <= W, frozen after"
 
     def __init__(self):
@@ -300,16 +296,18 @@ class LatticeLrMask(LrMask):
     @staticmethod
     def lattice(hp, lr0: float) -> tuple[float, int, int]:
         """(b, j_min, j_max): the bump in multiplier units and the lattice bounds from min_lr / max_lr."""
-        b = hp["lr_bump"] / lr0
+        b, lo, hi = mask_settings(hp, lr0)
         if b == 0:
             return 0.0, 0, 0
-        return (b, *lattice_bounds(b, hp["min_lr"] / lr0, hp["max_lr"] / lr0))
+        return (b, *lattice_bounds(b, lo, hi))
 
     def mask_of(self, opt, group, p) -> torch.Tensor:
         state = opt.state[p]
         if "lr_mask.code" not in state:
             return super().mask_of(opt, group, p)
-        return 1.0 + self.lattice(group, group["hina_lr0"])[0] * self.decode(state["lr_mask.code"], group).float()
+        lr0 = mask_unit(group)
+        steps = self.decode(state["lr_mask.code"], group).float()
+        return 1.0 + self.lattice(group, lr0)[0] * steps if lr0 > 0 else torch.ones_like(steps)
 
     @classmethod
     def window(cls, hp, lr0: float) -> tuple[int, int]:
@@ -328,7 +326,7 @@ class LatticeLrMask(LrMask):
     @classmethod
     def decode(cls, code: torch.Tensor, hp) -> torch.Tensor:
         """The lattice index ``j`` (int16) of a uint8 code of an 8-bit pack."""
-        lo = cls.window(hp, hp["hina_lr0"])[0]
+        lo = cls.window(hp, mask_unit(hp))[0]
         return torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
 
     # -- storage of j in 8-bit packs ---------------------------------------------------------------------------

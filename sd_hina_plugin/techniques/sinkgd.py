@@ -53,14 +53,13 @@ class SinkgdFirstStep(Technique):
     stage = "moments"
     fields = (BETA1,)
     slots = (Slot("exp_avg"),)
-    summary = "first step: initialise the momentum and the gradient signs, no update"
+    summary = "first step: initialise the momentum, no update"
 
     def run(self, ctx) -> None:
         if ctx.step == 1:
             ctx.state("exp_avg").lerp_(ctx.g, 1.0 - ctx.hp["beta1"])
             ctx.touch("exp_avg")
-            ctx.state("lr_mask.sign").copy_(torch.sign(ctx.g))
-            ctx.done = True
+            ctx.done = True  # the lr mask records the gradient signs (LrMask.skipped)
 
 
 class SinkgdDirection(Technique):
@@ -171,7 +170,9 @@ class AdaptiveWeightDecay(Technique):
             if not all(present):
                 index = opt.host_values(f"adadecay.present.{gi}", [i for i, ok in enumerate(present) if ok], numels.device)
                 numels = numels[index]
-            mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)) / numels
+            # fp32 norms (float64 gradients: in float64, as _foreach_norm cannot narrow, then fp32 like the rest)
+            wide = any(x.dtype == torch.float64 for x in grads)
+            mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=None if wide else torch.float32)).float() / numels
             finite = torch.isfinite(mean_abs)
             count = finite.sum().clamp_min(1)
             values = torch.where(finite, mean_abs, 0.0)
@@ -191,4 +192,6 @@ class AdaptiveWeightDecay(Technique):
         wd = ctx.hp["weight_decay"]
         if not wd:
             return
-        ctx.decay = 1.0 - ctx.lr * wd * ctx.state("adadecay.theta")
+        theta = ctx.state("adadecay.theta")
+        # float64 weights: the factor in float64 (1 - 1e-8 in fp32 would round the decay away or double it)
+        ctx.decay = 1.0 - ctx.lr * wd * (theta.double() if ctx.pack.dtype == torch.float64 else theta)

@@ -65,13 +65,16 @@ def reference_run(named, grads_per_step, hp, lr):
             m[n] = m[n] * hp["beta1"] + (1 - hp["beta1"]) * g
             u = u / (1 + min(3 * (m[n] ** 2).sum().item(), 10))
             if t <= W:
-                bump = hp["lr_bump"] / lr0
+                # absolute lr_bump / min_lr / max_lr where given (the upstream's), else relative to the lr
+                bump = hp["lr_bump"] / lr0 if hp["lr_bump"] is not None else hp["lr_mask_bump"]
+                lo = hp["min_lr"] / lr0 if hp["min_lr"] is not None else hp["lr_mask_bounds"][0]
+                hi = hp["max_lr"] / lr0 if hp["max_lr"] is not None else hp["lr_mask_bounds"][1]
                 up = down = bump
                 if t < W / 2:
                     c = -(g * p[n]).sum()
                     up, down = (hp["d_coef"] * bump if c > 0 else bump), (hp["d_coef"] * bump if c < 0 else bump)
                 current = torch.sign(g)
-                mask[n] = (mask[n] + torch.where(current == sign[n], up, -down)).clamp(hp["min_lr"] / lr0, hp["max_lr"] / lr0)
+                mask[n] = (mask[n] + torch.where(current == sign[n], up, -down)).clamp(lo, hi)
                 sign[n] = current
             u = u * mask[n]
             rows = p[n].reshape(p[n].shape[0], -1) if p[n].dim() >= 2 else p[n].reshape(-1, 1)
@@ -82,17 +85,19 @@ def reference_run(named, grads_per_step, hp, lr):
     return p
 
 
-def test_matches_reference():
+@pytest.mark.parametrize("bounds", [{}, {"lr_bump": 1e-5, "min_lr": 1e-6, "max_lr": 1e-2}, {"lr_mask_bump": 0.25, "lr_mask_bounds": (0.5, 1.5)}],
+                         ids=["relative-defaults", "absolute-upstream", "relative-tight"])
+def test_matches_reference(bounds):
     torch.manual_seed(0)
     named = [("a.lora_down.weight", torch.nn.Parameter(torch.randn(4, 24) * 0.3)),
              ("a.lora_up.weight", torch.nn.Parameter(torch.randn(24, 4) * 0.01)),
              ("conv.lora_down.weight", torch.nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)),
              ("scale", torch.nn.Parameter(torch.ones(10)))]
-    hp = Automagic_Sinkgd.Config(warmup_steps=6, stats_update_freq=3, weight_decay=0.05).as_dict()
+    hp = Automagic_Sinkgd.Config(warmup_steps=6, stats_update_freq=3, weight_decay=0.05, **bounds).as_dict()
     grads = [{n: torch.randn_like(p) * 0.01 for n, p in named} for _ in range(10)]
     start = {n: p.detach().clone() for n, p in named}
     expected = reference_run(named, grads, hp, lr=1e-3)
-    opt = Automagic_Sinkgd([p for _, p in named], lr=1e-3, warmup_steps=6, stats_update_freq=3, weight_decay=0.05)
+    opt = Automagic_Sinkgd([p for _, p in named], lr=1e-3, warmup_steps=6, stats_update_freq=3, weight_decay=0.05, **bounds)
     for step in grads:
         for n, p in named:
             p.grad = step[n].clone()

@@ -50,7 +50,7 @@ def reference_run(named, grads_per_step, hp):
                     s["v"] = g * g
                     new_params[n] = p
                     continue
-                clip = t ** 0.25
+                clip = (t - 1) ** 0.25  # ADOPT's k: 1 at the first update (t = 2)
                 x = (g / s["v"].sqrt().clamp(min=eps)).clamp(-clip, clip)
             else:
                 x = g
