@@ -377,3 +377,69 @@ def test_grad_scaler_skips_the_step_when_it_finds_infs(variant):
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # the whole step was skipped
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
     assert scaler.get_scale() == 512.0
+
+
+# -- lr schedulers --------------------------------------------------------------------------------------------
+
+def _schedule(kind: str, opt):
+    """The schedulers kohya builds (diffusers' get_scheduler), each starting with a warm-up from lr 0."""
+    from diffusers.optimization import get_scheduler
+
+    if kind == "cosine_with_restarts":
+        return get_scheduler(kind, opt, num_warmup_steps=5, num_training_steps=40, num_cycles=3)
+    return get_scheduler(kind, opt, num_warmup_steps=10, num_training_steps=40)
+
+
+@pytest.mark.parametrize("kind, own_warmup", [("linear", "configured"), ("constant_with_warmup", 12), ("cosine_with_restarts", "configured")],
+                         ids=["linear-run-shorter-than-warmup", "constant_with_warmup-run-longer-than-warmup", "cosine_with_restarts"])
+def test_warmup_and_restart_schedulers(variant, kind, own_warmup):
+    """Under a scheduler that starts at lr 0, warms up and (cosine) restarts: nothing moves while the lr is 0, the
+    lr mask's unit stays the lr the optimizer was built with, every per-element lr stays within the documented
+    bounds (multiplier in [lo, hi], so lr * multiplier <= hi * built lr), hina/avg_lr agrees, and the loss falls.
+    40 steps: shorter than the configured warm-up of the optimizers that have one (500 by default; the mask
+    learns through the cosine restarts), and longer than a warm-up of 12 (constant_with_warmup)."""
+    name, kwargs, lr = variant
+    fields = registry.resolve(name).config.FIELDS
+    if own_warmup != "configured" and "warmup_steps" in fields:
+        kwargs = {**kwargs, "warmup_steps": own_warmup}
+    model, data = lora_problem(dtype=param_dtype(name), device=DEVICE)
+    params = trainable(model)
+    before_loss = loss_on(model, data)
+    opt = make(name, params, lr, **kwargs)
+    sched = _schedule(kind, opt)
+    masked = 0
+    for i in range(40):
+        x, y = data[i % len(data)]
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        values = [p.detach().clone() for p in params]
+        current = opt.param_groups[0]["lr"]
+        opt.step()
+        if current == 0:
+            for p, old in zip(params, values):
+                assert torch.equal(p, old), f"step {i + 1}: a parameter moved at lr 0"
+        for group in opt.param_groups:
+            assert group["hina_lr0"] == lr and group["initial_lr"] == lr, (group["hina_lr0"], group["initial_lr"])
+            bounded = [t for t in opt.techniques(group) if hasattr(t, "multiplier_bounds")]
+            if not bounded:
+                continue
+            lo, hi = bounded[0].multiplier_bounds(group)
+            for p in group["params"]:
+                mask = opt.lr_mask(p)
+                if mask is None:
+                    continue
+                masked += 1
+                assert mask.min().item() >= lo * (1 - 1e-5) and mask.max().item() <= hi * (1 + 1e-5), \
+                    (i + 1, lo, hi, mask.min().item(), mask.max().item())
+                assert current * mask.max().item() <= hi * lr * (1 + 1e-5)
+        sched.step()
+    if any(hasattr(t, "multiplier_bounds") for t in opt.techniques(opt.param_groups[0])):
+        assert masked, "the optimizer has an lr mask but lr_mask(p) returned nothing"
+        stats = opt.stats()
+        lo, hi = next(t for t in opt.techniques(opt.param_groups[0]) if hasattr(t, "multiplier_bounds")).multiplier_bounds(opt.param_groups[0])
+        lr_now = opt.param_groups[0]["lr"]
+        for key, value in stats.items():
+            if key.startswith("hina/avg_lr/"):
+                assert lo * lr_now * (1 - 1e-4) <= value <= hi * lr_now * (1 + 1e-4), (key, value, lr_now)
+    after_loss = loss_on(model, data)
+    assert math.isfinite(after_loss) and after_loss < before_loss, (before_loss, after_loss)
