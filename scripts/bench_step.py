@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sd_hina_plugin  # noqa: E402
-from sd_hina_plugin.config import _parse_text  # noqa: E402
+from sd_hina_plugin.bench.ablation import ablations as switch_ablations, format_spec, parse_spec  # noqa: E402
 from sd_hina_plugin.diagnostics import count_step, state_bytes  # noqa: E402
 
 SETS = {
@@ -53,35 +53,15 @@ REFERENCE = "torch.AdamW"
 BASELINES = (REFERENCE, "torch.AdamW.fused", "bnb.AdamW8bit")
 
 
-def parse_opt(text: str) -> tuple[str, dict]:
-    name, _, rest = text.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")) if rest else []:
-        key, _, value = item.partition("=")
-        kwargs[key.strip()] = _parse_text(value)
-    return name, kwargs
-
-
-def format_opt(name: str, kwargs: dict) -> str:
-    return name + (":" + ",".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else "")
+parse_opt, format_opt = parse_spec, format_spec
 
 
 def ablations(text: str) -> list[str]:
-    """``text`` and, for each distinct technique switch of the optimizer's class, ``text`` with that switch
-    flipped from its value there (on -> off: what the technique costs; off -> on: what enabling it costs)."""
-    name, kwargs = parse_opt(text)
-    if name in BASELINES:
-        raise SystemExit(f"--ablate: {name} is a baseline without technique switches; give a sd_hina_plugin optimizer")
-    spec = sd_hina_plugin.registry.resolve(name)
-    values = spec.config.from_kwargs(kwargs).as_dict()
-    out, seen = [text], set()
-    for tech in spec.cls.TECHNIQUES:
-        switch = tech.switch
-        if switch is None or switch.name in seen:
-            continue
-        seen.add(switch.name)
-        out.append(format_opt(name, {**kwargs, switch.name: not values[switch.name]}))
-    return out
+    """``text`` and one copy per technique switch of its class, flipped (see ``sd_hina_plugin.bench.ablation``)."""
+    try:
+        return switch_ablations(text)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def build(name: str, kwargs: dict, named: list, lr: float):

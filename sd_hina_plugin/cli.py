@@ -94,7 +94,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         steps, seeds = args.steps or 300, args.seeds or 3
         multipliers = [float(m) for m in args.lr_multipliers.split(",")]
-    optimizers = args.optimizer or [s["name"] for s in registry.list_optimizers()] + ["bnb.AdamW8bit", "Prodigy"]
+    if args.ablate:
+        from .bench.ablation import ablations
+
+        optimizers = list(args.optimizer or [])
+        for text in args.ablate:
+            try:
+                optimizers += [o for o in ablations(text, phases=True) if o not in optimizers]
+            except ValueError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+    else:
+        optimizers = args.optimizer or [s["name"] for s in registry.list_optimizers()] + ["bnb.AdamW8bit", "Prodigy"]
     tasks = args.task or list(TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -120,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--optimizer", action="append", help="NAME[:k=v,...] (repeatable); torch.AdamW is always included")
     bench.add_argument("--steps", type=int, help="optimizer steps per run (default 300; --quick 60)")
     bench.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
+    bench.add_argument("--ablate", action="append", help="NAME[:k=v,...]: that configuration and one copy per technique or phase "
+                       "switched (each use_* flipped, warmup_steps=0, a fixed lr mask, weight_decay=0); repeatable")
     bench.add_argument("--lr-multipliers", default="0.3333,1,3", help="lr sweep around each task's base lr")
     bench.add_argument("--quick", action="store_true", help="60 steps, 1 seed, no sweep: under 3 minutes on 2 cores")
     bench.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small kernels on 2 cores)")

@@ -45,11 +45,17 @@ MIN_8BIT = Field("min_8bit_size", "int", 4096, "Tensors with fewer elements keep
 DEFAULTS = {"lr": 1e-6, "weight_decay": 5e-4, "warmup_steps": 500, "low_precision_update": "stochastic"}
 
 
+USE_ORTHOGRAD = Field("use_orthogonal_grad", "bool", True, "OrthoGrad on the raw gradient in the first half of warm-up (t < W/2).")
+USE_AGR = Field("use_agr", "bool", True, "Adaptive Gradient Regularization, per tensor.")
+USE_GRAMS = Field("use_grams", "bool", True, "Grams blend U <- a |U| sign(g) + (1 - a) U, a = beta1_decay^t.")
+
+
 def _techniques(context: bool) -> tuple:
     probe = (ContextProbe(),) if context else ()
     scale = (ContextScale(),) if context else ()
-    return (OrthoGrad(phase="first_half"), AGR(), CameSecondMoment(), *probe, CameMomentum(), CameConfidence(), GramsBlend(),
-            ElementAdaDecay(), LatticeLrMask(), AllLoraRowScale(ETA, switch=FULL, switch_on=False), *scale, WriteParams())
+    return (OrthoGrad(USE_ORTHOGRAD, phase="first_half"), AGR(USE_AGR), CameSecondMoment(), *probe, CameMomentum(), CameConfidence(),
+            GramsBlend(USE_GRAMS), ElementAdaDecay(), LatticeLrMask(), AllLoraRowScale(ETA, switch=FULL, switch_on=False), *scale,
+            WriteParams())
 
 
 class _CameAMPBase(HinaOptimizer):

@@ -58,6 +58,7 @@ BETA1_DECAY = Field("beta1_decay", "float", 0.9995,
                     "Momentum b1_t = max(b1 * beta1_decay^t, 0.4); also the Grams blend weight beta1_decay^t.", low=0.0, high=1.0)
 TAM_BETA = Field("tam_beta", "float", 0.9, "Torque-Aware Momentum: EMA decay of cos(m, u) in the first half of warm-up.",
                  low=0.0, high=1.0, high_open=True)
+USE_TAM = Field("use_tam", "bool", True, "Torque-Aware Momentum weighting of the momentum's input in the first half of warm-up.")
 WARMUP = Field("warmup_steps", "int", 500, "Phases: TAM, OrthoGrad and AdaDecay while t < W/2; the lr mask learns while t <= W.", low=0)
 #: weight of the Grams blend below which it is skipped (t > 27,600 steps with beta1_decay = 0.9995)
 GRAMS_FLOOR = 1e-6
@@ -157,7 +158,7 @@ class CameMomentum(Technique):
 
     name = "came_momentum"
     stage = "moments"
-    fields = (BETAS, BETA1_DECAY, TAM_BETA, WARMUP)
+    fields = (BETAS, BETA1_DECAY, TAM_BETA, USE_TAM, WARMUP)
     slots = (Slot("exp_avg", quantizable=True, signed=True), Slot("tam.s", per_tensor=True), Slot("tam.w", per_tensor=True))
     summary = "m <- b1_t m + (1 - b1_t) d u, b1_t = max(b1 beta1_decay^t, 0.4); TAM weight d faded to 1 by W/2"
 
@@ -176,7 +177,7 @@ class CameMomentum(Technique):
         from .tam import torque_weights
 
         m, x = ctx.state("exp_avg"), ctx.m_in
-        fade = self.tam_fade(ctx.hp, ctx.step)
+        fade = self.tam_fade(ctx.hp, ctx.step) if ctx.hp["use_tam"] else 0.0
         rate = 1.0 - self.beta(ctx.hp, ctx.step)
         if fade > 0:  # m <- (1 - rate) m + rate d_t x, the per-tensor weight broadcast per shape
             d = torque_weights(ctx, m, x, ctx.hp["tam_beta"]).sub_(1.0).mul_(fade).add_(1.0)
