@@ -118,8 +118,6 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
-        if not group["params"]:
-            raise ValueError(f"{self.NAME}: param group {index} has no parameters")
         overrides = {k: group[k] for k in self.Config.FIELDS if k in group}
         validated = self.Config.from_kwargs(overrides)
         group.update(validated.as_dict())

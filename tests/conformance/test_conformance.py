@@ -443,3 +443,21 @@ def test_warmup_and_restart_schedulers(variant, kind, own_warmup):
                 assert lo * lr_now * (1 - 1e-4) <= value <= hi * lr_now * (1 + 1e-4), (key, value, lr_now)
     after_loss = loss_on(model, data)
     assert math.isfinite(after_loss) and after_loss < before_loss, (before_loss, after_loss)
+
+
+def test_empty_param_groups_accepted(variant):
+    """Empty groups are accepted as torch.optim accepts them (HF Trainer's no-decay group with PEFT,
+    peft's create_loraplus_optimizer): they step, checkpoint and resume with the others."""
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=param_dtype(name), device=DEVICE)
+    params = trainable(model)
+    groups = [{"params": params[:3]}, {"params": [], "weight_decay": 0.0}, {"params": params[3:]}, {"params": []}]
+    opt = make(name, groups, lr, **kwargs)
+    before = loss_on(model, data)
+    train(model, opt, data, 4)
+    copy_opt = make(name, [{"params": params[:3]}, {"params": [], "weight_decay": 0.0}, {"params": params[3:]}, {"params": []}], lr, **kwargs)
+    copy_opt.load_state_dict(roundtrip(opt.state_dict()))
+    train(model, copy_opt, data, 2, start=4)
+    assert math.isfinite(loss_on(model, data)) and len(copy_opt.param_groups) == 4
+    assert all(len(g["params"]) == 0 for g in copy_opt.param_groups[1::2])
+    assert loss_on(model, data) != before
