@@ -60,7 +60,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if spec.aliases:
         print(f"aliases: {', '.join(spec.aliases)}")
     print(f"kohya: --optimizer_type sd_hina_plugin.{spec.name} --optimizer_args \"key=value\" ...\n")
-    for field in spec.config.field_specs():
+    common = ("lr", "betas", "beta1", "weight_decay", "eps")
+    fields = sorted(spec.config.field_specs(), key=lambda f: common.index(f.name) if f.name in common else len(common))
+    for field in fields:
         print(f"  {field.name} ({field.kind}) = {field.to_text(field.default)}")
         print(f"      allowed: {field.range_text()}")
         print(f"      {field.help}")
@@ -143,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `sd-hina show X | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

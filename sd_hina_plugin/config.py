@@ -330,7 +330,9 @@ def kohya_literal(item: str, owner: str = "optimizer") -> tuple[str, Any]:
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError) as exc:
-        raise ValueError(
-            f"{owner}: {item!r}: kohya reads values with ast.literal_eval; quote strings "
-            f"({key}='{value.strip()}') and write booleans as True/False"
-        ) from exc
+        word = value.strip()
+        if word.lower() in _TRUE | _FALSE:  # a boolean written in lower case: say how to write it, not to quote it
+            fix = f"write booleans as True/False ({key}={word.lower() in _TRUE})"
+        else:
+            fix = f"quote strings ({key}='{word}')"
+        raise ValueError(f"{owner}: {item!r}: kohya reads values with ast.literal_eval; {fix}") from exc

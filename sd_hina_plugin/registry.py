@@ -40,6 +40,17 @@ def register(aliases: Iterable[str] = (), summary: str = ""):
     return wrap
 
 
+#: other libraries' optimizer names users type, and what to use here instead
+_FOREIGN = {
+    "adamw": "torch's AdamW; the same update here is HinaAdamWCore (optim_bits=32 by default)",
+    "adamw8bit": "bitsandbytes' AdamW8bit; the same update here is HinaAdamWCore with optim_bits=8",
+    "pagedadamw8bit": "bitsandbytes' PagedAdamW8bit; the nearest here is HinaAdamWCore with optim_bits=8 (not paged)",
+    "adafactor": "transformers' Adafactor; the factored second moment here is Automagic_CameAMP (CAME)",
+    "came": "CAME; here it is the core of Automagic_CameAMP",
+    "prodigy": "prodigyopt's Prodigy, not part of this package",
+}
+
+
 def resolve(name: str) -> OptimizerSpec:
     """Find an optimizer by name or alias, any case, with or without the ``sd_hina_plugin.`` prefix."""
     if not isinstance(name, str):
@@ -49,6 +60,8 @@ def resolve(name: str) -> OptimizerSpec:
         if key.lower().startswith(prefix):
             key = key[len(prefix):]
     found = _LOOKUP.get(key.lower())
+    if found is None and key.lower() in _FOREIGN:
+        raise ValueError(f"unknown optimizer {name!r}: {_FOREIGN[key.lower()]}; registered: {', '.join(sorted(_REGISTRY))}")
     if found is None:
         choices = sorted({*(s.name for s in _REGISTRY.values()), *(a for s in _REGISTRY.values() for a in s.aliases)})
         close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
