@@ -12,6 +12,17 @@ from .registry import create_optimizer, list_optimizers, resolve
 
 __version__ = "0.1.0"
 
+
+def stats(optimizer) -> dict:
+    """``optimizer.stats()`` through any wrapper (accelerate's ``AcceleratedOptimizer``, DeepSpeed's, HF Trainer's):
+    the scalars to log, e.g. ``accelerator.log(sd_hina_plugin.stats(optimizer), step=step)``."""
+    from .kohya.hook import unwrap
+
+    inner = unwrap(optimizer)
+    if not hasattr(inner, "stats"):
+        raise TypeError(f"{type(optimizer).__name__} is not (and does not wrap) an sd_hina_plugin optimizer")
+    return inner.stats()
+
 __all__ = [
     "AdamWBF16_HinaAdaptive",
     "AdamW_HinaAdaptive",
@@ -33,4 +44,5 @@ __all__ = [
     "load_preset",
     "OptimizerConfig",
     "resolve",
+    "stats",
 ]

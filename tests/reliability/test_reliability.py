@@ -237,3 +237,24 @@ def test_parameters_made_trainable_later_are_picked_up(spec):
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
         opt.step()
     assert not torch.equal(b, start) and len(opt.state[b]) > 0
+
+
+def test_stats_through_accelerate_wrapper():
+    """sd_hina_plugin.stats() reaches the optimizer inside accelerate's AcceleratedOptimizer."""
+    import accelerate
+
+    import sd_hina_plugin
+
+    model = torch.nn.Linear(4, 4)
+    opt = sd_hina_plugin.Automagic_CameAMP(model.parameters(), lr=1e-3)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, wrapped = accelerator.prepare(model, opt)
+    assert not hasattr(wrapped, "stats")
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        wrapped.step()
+        wrapped.zero_grad()
+    scalars = sd_hina_plugin.stats(wrapped)
+    assert scalars == opt.stats() and any(k.startswith("hina/lr/") for k in scalars)
+    with pytest.raises(TypeError, match="not .*an sd_hina_plugin optimizer"):
+        sd_hina_plugin.stats(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
