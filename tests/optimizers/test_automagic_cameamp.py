@@ -48,7 +48,7 @@ def reference_run(params, grads, hp, lr):
     for t, step_grads in enumerate(grads, start=1):
         for q, s, g in zip(p, st, step_grads):
             g = g.clone()
-            if t < W / 2 and g.numel() > 1:  # OrthoGrad on the raw gradient, rescaled
+            if hp["use_orthogonal_grad"] and t < W / 2 and g.numel() > 1:  # OrthoGrad on the raw gradient, rescaled
                 w = q.flatten()
                 gf = g.flatten()
                 perp = gf - (w @ gf) / (w @ w + 1e-30) * w
@@ -75,7 +75,7 @@ def reference_run(params, grads, hp, lr):
             u = u / max(1.0, (u.pow(2).mean().sqrt() / hp["clip_threshold"]).item())
             m = s["m"].reshape(u.shape)
             beta = max(b1 * dec ** t, min(b1, 0.4))
-            fade = max(0.0, 1 - t / (W / 2))
+            fade = max(0.0, 1 - t / (W / 2)) if hp["use_tam"] else 0.0
             x = u
             if fade > 0:  # TAM, faded out by W/2
                 den = (m.norm() * u.norm()).item()
@@ -123,14 +123,15 @@ def run(cls, named, grads, **hp):
     return opt
 
 
-def test_matches_reference_through_every_phase():
+@pytest.mark.parametrize("early", [{}, {"use_orthogonal_grad": True, "use_tam": True}], ids=["defaults", "orthograd-tam"])
+def test_matches_reference_through_every_phase(early):
     named = named_params()
     params = [p for _, p in named]
     grads = gradients(params, 14)  # W = 8: TAM/OrthoGrad/AdaDecay to t < 4, mask learning to t = 8, frozen after
-    hp = OptimizerConfig(**HP).as_dict()
+    hp = OptimizerConfig(**HP, **early).as_dict()
     hp.pop("lr")
     expected, ref_state = reference_run(params, grads, hp, LR)
-    opt = run(Automagic_CameAMP, named, grads, **HP)
+    opt = run(Automagic_CameAMP, named, grads, **HP, **early)
     for (name, p), want in zip(named, expected):
         torch.testing.assert_close(p.detach(), want, rtol=2e-5, atol=1e-7, msg=name)
     for (name, p), s in zip(named, ref_state):  # the mask is exact: integers
@@ -231,7 +232,7 @@ def test_lattice_window_holds_the_reachable_range():
 def test_tam_hands_over_without_a_jump_in_update_scale():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(32, 64) * 0.1)
-    opt = Automagic_CameAMP([p], lr=1e-3, warmup_steps=40, weight_decay=0.0)
+    opt = Automagic_CameAMP([p], lr=1e-3, warmup_steps=40, weight_decay=0.0, use_tam=True)
     direction = torch.randn(32, 64)
     sizes = []
     for t in range(1, 31):
@@ -265,7 +266,8 @@ def test_state_bytes_per_parameter_on_the_lora_set():
 
 def coptim_run(feed_loss: bool = True, steps: int = 40, **kwargs):
     model, data = lora_problem()
-    opt = Automagic_CameAMP_COptim(trainable(model), lr=1e-3, **kwargs)
+    # the upstream's early phase (OrthoGrad, TAM) on: its oscillations are what edge_threshold must tell apart
+    opt = Automagic_CameAMP_COptim(trainable(model), lr=1e-3, **{"use_orthogonal_grad": True, "use_tam": True, **kwargs})
     multipliers = []
     for i in range(steps):
         x, y = data[i % len(data)]
@@ -362,7 +364,7 @@ def test_orthograd_with_a_gradient_parallel_to_the_weights_stays_bounded():
     """The Rosenbrock valley made the gradient parallel to the weights: a rescale derived from dot products
     cancelled to ~0 there and blew the rounding noise of g_perp up to inf (regression)."""
     p = torch.nn.Parameter(torch.tensor([-1.41, 1.99]))
-    opt = Automagic_CameAMP([p], lr=1e-3)
+    opt = Automagic_CameAMP([p], lr=1e-3, use_orthogonal_grad=True)
     start = p.detach().clone()
     for _ in range(60):
         p.grad = 3.0 * p.detach() + torch.tensor([1e-7, -1e-7])
