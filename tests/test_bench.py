@@ -129,3 +129,37 @@ def test_step_cost_ablation_run(tmp_path):
     rows = [row["optimizer"] for row in json.loads(out.read_text())]
     assert rows == ["torch.AdamW", "Automagic_Sinkgd:warmup_steps=0", "Automagic_Sinkgd:warmup_steps=0,orthograd=True",
                     "Automagic_Sinkgd:warmup_steps=0,full_finetune=True"]
+
+
+def test_convergence_ablation_expands_switches_and_phases():
+    """sd-hina bench --ablate: the configuration, each use_* and technique switch flipped once, no warm-up phase,
+    a fixed lr mask where the mask has no switch, and no weight decay; other arguments kept."""
+    from sd_hina_plugin.bench.ablation import ablations, parse_spec
+
+    specs = ablations("Automagic_CameAMP:eta=3.0", phases=True)
+    assert specs[0] == "Automagic_CameAMP:eta=3.0"
+    changes = []
+    for text in specs[1:]:
+        name, kwargs = parse_spec(text)
+        assert name == "Automagic_CameAMP" and kwargs.pop("eta") == 3.0 and len(kwargs) == 1
+        changes.append(kwargs)
+    flipped = {k: v for c in changes for k, v in c.items()}
+    assert flipped["use_orthogonal_grad"] is True and flipped["use_tam"] is True  # off by default: switched on
+    assert flipped["use_grams"] is False and flipped["use_agr"] is False and flipped["full_finetune"] is True
+    assert {"warmup_steps": 0} in changes and {"lr_bump": 0.0} in changes and {"weight_decay": 0.0} in changes
+    masked = ablations("AdamW_HinaAdaptive", phases=True)
+    assert "AdamW_HinaAdaptive:use_lr_mask=False" in masked and not any("lr_bump" in s for s in masked)
+    with pytest.raises(ValueError, match="baseline"):
+        ablations("torch.AdamW", phases=True)
+
+
+def test_bench_ablate_command_runs_every_row(tmp_path):
+    from sd_hina_plugin import cli
+    from sd_hina_plugin.bench.ablation import ablations
+
+    out = tmp_path / "abl"
+    assert cli.main(["bench", "--task", "quadratic", "--ablate", "Automagic_Sinkgd", "--steps", "3", "--seeds", "1",
+                     "--lr-multipliers", "1", "--out", str(out)]) == 0
+    rows = {row["optimizer"] for row in json.loads((out / "results.json").read_text())["summary"]["quadratic"]}
+    assert rows == {"torch.AdamW", *ablations("Automagic_Sinkgd", phases=True)}
+    assert cli.main(["bench", "--task", "quadratic", "--ablate", "torch.AdamW", "--out", str(tmp_path / "x")]) == 2
