@@ -281,23 +281,31 @@ def plot(runs: list[Run], summary: dict[str, list[dict]], out_dir: Path) -> list
     except ImportError:
         return []
     paths = []
+    styles = ("-", "--", "-.", ":")
+    colours = plt.get_cmap("tab10").colors
     for task, rows in summary.items():
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for row in rows:
+        fig, ax = plt.subplots(figsize=(9, 4.6))
+        for k, row in enumerate(rows):
             chosen = [r for r in runs if r.task == task and r.optimizer == row["optimizer"] and r.lr == row["best_lr"]]
             length = min(len(r.heldout) for r in chosen)
             steps_axis = chosen[0].steps[:length]
             values = torch.tensor([r.heldout[:length] for r in chosen])
             mean = values.mean(0)
-            line, = ax.plot(steps_axis, mean.tolist(), label=f"{row['optimizer']} (lr {row['best_lr']:.2g})")
-            if len(chosen) > 1:
+            baseline = row["optimizer"] in (BASELINE, "bnb.AdamW8bit")
+            # 10 colours x 4 line styles keep 11+ optimizers apart; baselines black and thick
+            line, = ax.plot(steps_axis, mean.tolist(), label=f"{row['optimizer']} (lr {row['best_lr']:.2g})" + (" [baseline]" if baseline else ""),
+                            color="black" if row["optimizer"] == BASELINE else colours[k % len(colours)],
+                            linestyle=":" if row["optimizer"] == "bnb.AdamW8bit" else styles[k % len(styles)] if not baseline else "-",
+                            linewidth=2.4 if baseline else 1.3, zorder=3 if baseline else 2)
+            if len(chosen) > 1:  # a band only where there is a spread to show
                 ax.fill_between(steps_axis, values.min(0).values.tolist(), values.max(0).values.tolist(),
-                                color=line.get_color(), alpha=0.2)
-        ax.set_title(f"{task}: held-out loss (mean, min-max over seeds)")
+                                color=line.get_color(), alpha=0.07)
+        seeds = len({r.seed for r in runs if r.task == task})
+        ax.set_title(f"{task}: held-out loss" + (f" (mean, min-max over {seeds} seeds)" if seeds > 1 else " (one seed)"))
         ax.set_xlabel("step")
         ax.set_ylabel("held-out loss")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside the curves
         fig.tight_layout()
         path = out_dir / f"curves_{task}.png"
         fig.savefig(path, dpi=110)
