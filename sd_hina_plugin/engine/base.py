@@ -489,6 +489,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             "optimizer": self.NAME,
             "rng": {dev: gen.get_state() for dev, gen in self._generators.items()},
         }
+        sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

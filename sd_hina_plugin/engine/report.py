@@ -106,7 +106,51 @@ class Reporting:
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
             "lora": self._lora_info(),
             "notes": self.notes(),
+            # the upstream fork's keys, for monitoring code written against it
+            "optimizer_type": self.NAME,
+            "features": {t.name: any(t.enabled(g) for g in self.param_groups) for t in self.TECHNIQUES if t.switch is not None},
+            "lora_stats": self._lora_stats(),
+            "lokr_stats": self.lokr_stats() if self._packs is not None else {},
+            "training_stats": {"global_step": max((g["step"] for g in self.param_groups), default=0),
+                               "param_groups": len(self.param_groups), "total_params": numel},
         }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        diag = self._lora.diagnose(self.param_groups)
+        roles: dict[str, int] = {}
+        for entry in diag["parameters"]:
+            roles[entry["role"]] = roles.get(entry["role"], 0) + 1
+        return {"lora_a": roles.get("lora_a", 0), "lora_b": roles.get("lora_b", 0), "pairs": len(diag["pairs"]),
+                "modules": diag["modules"], "names_source": diag["names_source"], "roles": roles}
+
+    @property
+    def param_groups_metadata(self) -> dict[int, dict[str, Any]]:
+        """Per param group: its name and the adapter pairs whose members it holds (``lora_pairs``: (A name, B name)),
+        as the upstream fork exposed them."""
+        from ..lora.names import Role
+
+        out = {i: {"name": self.group_name(i), "lora_pairs": [], "lokr_modules": []} for i in range(len(self.param_groups))}
+        for module in self._lora.pairing.modules.values():
+            if not module.complete:
+                continue
+            members = module.members
+            first = self._lora.params[next(iter(members.values()))]
+            meta = out[self._lora.group_of[id(first)]]
+            if module.family == "lora" and Role.LORA_A in members and Role.LORA_B in members:
+                meta["lora_pairs"].append((members[Role.LORA_A], members[Role.LORA_B]))
+            elif module.family == "lokr":
+                meta["lokr_modules"].append(module.key)
+        return out
+
+    def _get_group_lr(self, group: dict[str, Any]) -> float:
+        """The group's average per-element lr: its lr times the mean of its lr mask (the lr where there is no mask).
+        Reads device values (the upstream fork's monitoring call)."""
+        lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
+        masks = [m for m in (self.lr_mask(p) for p in group["params"]) if m is not None]
+        if not masks:
+            return lr
+        total = sum(float(m.sum()) for m in masks)
+        return lr * total / sum(m.numel() for m in masks)
 
     def _lora_info(self) -> dict[str, Any]:
         diag = self._lora.diagnose(self.param_groups)
