@@ -80,6 +80,8 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float | None = None, **kwargs: Any):
         if lr is not None:
             kwargs["lr"] = lr
+        self._adamw_notes: list[str] = []
+        kwargs = self.adamw_keywords(kwargs)
         self.config = self.Config.from_kwargs(kwargs)
         if isinstance(params, torch.Tensor):
             raise TypeError(f"{self.NAME}: params must be an iterable of tensors or of param-group dicts, got a Tensor")
@@ -105,7 +107,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     def notes(self) -> list[str]:
         """Why switched-on techniques are inactive in this combination (logged once at construction)."""
-        out: list[str] = []
+        out: list[str] = list(getattr(self, "_adamw_notes", []))
         for group in self.param_groups:
             for tech in self.TECHNIQUES:
                 message = tech.note(group)
@@ -114,7 +116,15 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return out
 
     # -- construction -------------------------------------------------------------------------------------
+    def adamw_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Hook: map torch AdamW's keywords (``betas=(b1, b2)``, ``eps``), as diffusers' and HF scripts pass them,
+        onto this optimizer's own arguments where they differ. The base has AdamW's, so nothing changes."""
+        return kwargs
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and hasattr(self, "_adamw_notes"):
+            extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+            param_group = {**{k: v for k, v in param_group.items() if k in ("params", "param_names")}, **self.adamw_keywords(extra)}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1

@@ -71,6 +71,18 @@ class _CameAMPBase(HinaOptimizer):
     def _wants_8bit(self, group: dict[str, Any]) -> bool:  # type: ignore[override]
         return self.EIGHT_BIT
 
+    def adamw_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """AdamW's ``betas=(b1, b2)`` -> ``(b1, b2, b3)`` with the default b3 (the confidence residual's decay);
+        a single ``eps`` -> the third epsilon, the one added to the final denominator as in AdamW."""
+        out = dict(kwargs)
+        betas, eps = out.get("betas"), out.get("eps")
+        if isinstance(betas, (tuple, list)) and len(betas) == 2:
+            out["betas"] = (*betas, self.Config.FIELDS["betas"].default[2])
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            e1, e2, _ = self.Config.FIELDS["eps"].default
+            out["eps"] = (e1, e2, float(eps))
+        return out
+
     def step(self, closure=None):
         loss = super().step(closure)
         if self.param_groups[0]["verbose"]:

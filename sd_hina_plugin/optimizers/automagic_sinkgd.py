@@ -22,6 +22,8 @@ Differences from the original, on purpose:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..config import Field
 from ..engine.base import HinaOptimizer
 from ..registry import register
@@ -47,3 +49,22 @@ class Automagic_Sinkgd(HinaOptimizer):  # noqa: N801 - the upstream name
         AdaptiveWeightDecay(), WriteParams(),
     )
     Config = config_for(NAME, TECHNIQUES, defaults={"warmup_steps": 500, "low_precision_update": "stochastic"})
+
+    def adamw_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """AdamW's ``betas=(b1, b2)`` -> ``beta1=b1`` (SinkGD keeps no second moment, so b2 has no role); ``eps``
+        is accepted and has no effect (SinkGD divides by no root of a second moment). Both said once at construction."""
+        out = dict(kwargs)
+        betas = out.pop("betas", None)
+        if betas is not None:
+            if not isinstance(betas, (tuple, list)) or not betas:
+                raise TypeError(f"{self.NAME}: argument 'betas' = {betas!r}: expected AdamW's (b1, b2); this optimizer uses beta1 = b1")
+            out["beta1"] = betas[0]
+            note = f"betas={tuple(betas)!r} read as beta1={betas[0]!r} (SinkGD has no second moment: b2 unused)"
+            if note not in self._adamw_notes:
+                self._adamw_notes.append(note)
+        if "eps" in out:
+            out.pop("eps")
+            note = "eps has no effect (SinkGD divides by no second-moment root)"
+            if note not in self._adamw_notes:
+                self._adamw_notes.append(note)
+        return out

@@ -258,3 +258,25 @@ def test_stats_through_accelerate_wrapper():
     assert scalars == opt.stats() and any(k.startswith("hina/lr/") for k in scalars)
     with pytest.raises(TypeError, match="not .*an sd_hina_plugin optimizer"):
         sd_hina_plugin.stats(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_diffusers_style_adamw_keywords(spec):
+    """optimizer_cls(params, lr=, betas=(b1, b2), weight_decay=, eps=), as diffusers' and HF scripts call it."""
+    dtype = param_dtype(spec.name)
+    p = torch.nn.Parameter(torch.randn(8, 8, dtype=dtype))
+    opt = spec.cls([p], lr=1e-4, betas=(0.85, 0.995), weight_decay=1e-2, eps=1e-7)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    group = opt.param_groups[0]
+    if "betas" in spec.config.FIELDS:
+        assert tuple(group["betas"][:2]) == (0.85, 0.995)
+        if len(group["betas"]) == 3:  # CameAMP: b3 keeps its default, eps is the final denominator's
+            assert group["betas"][2] == spec.config.FIELDS["betas"].default[2] and group["eps"][2] == 1e-7
+        else:
+            assert group["eps"] == 1e-7
+    else:  # Automagic_Sinkgd: beta1 = b1; b2 and eps have no role, which it says
+        assert group["beta1"] == 0.85
+        assert any("b2 unused" in n for n in opt.notes()) and any("eps has no effect" in n for n in opt.notes())
+    assert torch.isfinite(p).all()
