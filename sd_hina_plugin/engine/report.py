@@ -167,5 +167,8 @@ class Reporting:
                 applies = getattr(tech, "applies", None)
                 if active and applies is not None and not applies(self):
                     note = "off: LoRA pairs are split across param groups (kohya loraplus_lr_ratio already sets their lrs)"
+                elif active and not any(diag["modules"].values()):
+                    note = (f"off: no LoRA/LoKr/LoHa module found (names from {diag['names_source']}); pass "
+                            "model.named_parameters() or call attach_names()")
                 info["role_techniques"][tech.name] = note
         return info

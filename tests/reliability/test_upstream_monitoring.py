@@ -66,3 +66,14 @@ def test_group_lr_and_magic_version_of_the_upstream(capsys):
         print(f"載入的優化器版本: {version}")
     assert "載入的優化器版本: 1" in capsys.readouterr().out
     optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+
+
+def test_role_techniques_report_off_when_no_adapter_module_is_found():
+    """Hand-made groups without names (every tensor 'regular'): LoRA+/ALoRA are reported off, with the reason."""
+    weights = [torch.nn.Parameter(torch.randn(32, 32)), torch.nn.Parameter(torch.randn(32))]
+    info = sd_hina_plugin.HinaAdamWOptimizer([{"params": weights[:1]}, {"params": weights[1:], "lr": 1e-3}],
+                                             lr=1e-4).get_optimization_info()
+    notes = info["lora"]["role_techniques"]
+    assert notes and all(v.startswith("off: no LoRA/LoKr/LoHa module found") for v in notes.values()), notes
+    named = _trained(sd_hina_plugin.HinaAdamWOptimizer, steps=1).get_optimization_info()["lora"]["role_techniques"]
+    assert "on" in named.values(), named
