@@ -60,7 +60,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if spec.aliases:
         print(f"aliases: {', '.join(spec.aliases)}")
     print(f"kohya: --optimizer_type sd_hina_plugin.{spec.name} --optimizer_args \"key=value\" ...\n")
-    common = ("lr", "betas", "beta1", "weight_decay", "eps")
+    from .engine.base import COMMON_ARGUMENTS as common
+
     fields = sorted(spec.config.field_specs(), key=lambda f: common.index(f.name) if f.name in common else len(common))
     for field in fields:
         print(f"  {field.name} ({field.kind}) = {field.to_text(field.default)}")

@@ -60,3 +60,21 @@ def test_kohya_style_groups_with_dict_values_and_lr_keyword():
     assert [g["lr"] for g in opt.param_groups] == [5e-5, 1e-4]
     with pytest.raises(ValueError, match="'lr' = -1"):
         sd_hina_plugin.HinaAdamWCore([{"params": [a], "lr": -1.0}])
+
+
+def test_every_class_has_a_real_signature_and_documents_its_arguments():
+    """help(), IDEs and inspect.signature see each argument with its default, lr first and AdamW's common ones next."""
+    import inspect
+
+    from sd_hina_plugin import registry
+
+    for spec in registry.specs():
+        signature = inspect.signature(spec.cls)
+        names = list(signature.parameters)
+        assert names[:2] == ["params", "lr"], (spec.name, names[:3])
+        assert set(names[1:]) == set(spec.config.FIELDS), spec.name
+        for name, field in spec.config.FIELDS.items():
+            assert signature.parameters[name].default == field.default, (spec.name, name)
+            assert f"    {name} = " in spec.cls.__doc__ and field.help in spec.cls.__doc__, (spec.name, name)
+        if "weight_decay" in names:
+            assert names.index("weight_decay") < 5, (spec.name, names[:6])

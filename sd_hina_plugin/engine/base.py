@@ -63,6 +63,29 @@ def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
         raise ValueError(f"{name}: exactly one technique must write the parameters, found {writers}")
 
 
+#: the arguments every AdamW user looks for first, in this order (``sd-hina show`` and signatures)
+COMMON_ARGUMENTS = ("lr", "betas", "beta1", "weight_decay", "eps")
+
+
+def _describe_arguments(cls: type) -> None:
+    """A real signature (``help()``, IDEs, ``inspect.signature``) and an argument list in the docstring, both
+    generated from the config's fields, so they can never disagree with what the constructor accepts."""
+    import inspect
+
+    fields = sorted(cls.Config.field_specs(),
+                    key=lambda f: COMMON_ARGUMENTS.index(f.name) if f.name in COMMON_ARGUMENTS else len(COMMON_ARGUMENTS))
+    kind = inspect.Parameter.KEYWORD_ONLY
+    parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in fields:
+        if f.name == "lr":
+            parameters.append(inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default))
+        else:
+            parameters.append(inspect.Parameter(f.name, kind, default=f.default))
+    cls.__signature__ = inspect.Signature(parameters)
+    lines = [f"    {f.name} = {f.to_text(f.default)}: {f.help} ({f.range_text()})" for f in fields]
+    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"
+
+
 class HinaOptimizer(Reporting, torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
@@ -76,6 +99,8 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         if cls.TECHNIQUES:
             validate_techniques(cls.NAME or cls.__name__, cls.TECHNIQUES)
+        if "Config" in cls.__dict__:
+            _describe_arguments(cls)
 
     def __init__(self, params: Any, lr: float | None = None, **kwargs: Any):
         if lr is not None:

@@ -36,7 +36,7 @@ from ..engine.technique import Slot, Technique
 from .adaptive import LrMask
 
 BETA1 = Field("beta1", "float", 0.9, "Momentum decay of the direction's momentum.", low=0.0, high=1.0, high_open=True)
-ITERS = Field("sinkgd_iters", "int", 0, "SinkGD alternating passes; 0 = the seed's choice: 4 (LoRA mode) or 5 (full_finetune).",
+ITERS = Field("sinkgd_iters", "int", 0, "SinkGD alternating passes; 0 = the upstream's choice: 4 (LoRA mode) or 5 (full_finetune).",
               low=0, high=64)
 FULL = Field("full_finetune", "bool", False, "Full fine-tuning: no ALLoRA rows, 5 SinkGD passes, Prodigy condition against the initial weights.")
 #: guards the row / column scales: with 1e-15 the squared scale of an all-zero row stays finite in fp32 (a
