@@ -51,8 +51,9 @@ def _lora_model():
 
 
 def _args(tmp_path, **kw):
+    kw.setdefault("report_to", [])
     return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
-                                          logging_steps=10, save_steps=20, report_to=[], use_cpu=True,
+                                          logging_steps=10, save_steps=20, use_cpu=True,
                                           learning_rate=1e-2, lr_scheduler_type="constant_with_warmup", warmup_steps=3,
                                           disable_tqdm=True, **kw)
 
@@ -91,3 +92,21 @@ def test_hf_trainer_with_a_prebuilt_optimizer_and_loraplus_groups(tmp_path):
     before = _full_loss(model)
     trainer.train()
     assert _full_loss(model) < 0.9 * before
+
+
+def test_hf_trainer_logs_our_scalars_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import sd_hina_plugin.hf
+
+    args = _args(tmp_path, report_to=["tensorboard"])
+    trainer = transformers.Trainer(model=_lora_model(), args=args, train_dataset=Data(),
+                                   optimizer_cls_and_kwargs=(sd_hina_plugin.Automagic_CameAMP, {"lr": 1e-2}))
+    sd_hina_plugin.hf.log_stats(trainer)
+    trainer.train()
+    tags = set()
+    for path in tmp_path.rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+    assert any(t.startswith("train/hina/lr/") for t in tags) and any(t.startswith("train/hina/avg_lr/") for t in tags), tags
