@@ -163,3 +163,11 @@ def test_bench_ablate_command_runs_every_row(tmp_path):
     rows = {row["optimizer"] for row in json.loads((out / "results.json").read_text())["summary"]["quadratic"]}
     assert rows == {"torch.AdamW", *ablations("Automagic_Sinkgd", phases=True)}
     assert cli.main(["bench", "--task", "quadratic", "--ablate", "torch.AdamW", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_optimizer_specs_take_tuple_values():
+    """NAME:k=(a,b),k2=v: commas inside parentheses belong to the value (a plain split broke lr_mask_bounds=(0.1,3.0))."""
+    assert parse_optimizer("Automagic_Sinkgd:lr_mask_bounds=(0.1,3.0),beta1=0.9") == (
+        "Automagic_Sinkgd", {"lr_mask_bounds": (0.1, 3.0), "beta1": 0.9})
+    assert parse_optimizer("Automagic_CameAMP:betas=(0.9,0.99,0.999)") == ("Automagic_CameAMP", {"betas": (0.9, 0.99, 0.999)})
+    assert parse_optimizer("torch.AdamW") == ("torch.AdamW", {})

@@ -14,11 +14,24 @@ from ..config import _parse_text
 BASELINES = ("torch.AdamW", "torch.AdamW.fused", "bnb.AdamW8bit", "Prodigy")
 
 
+def split_items(rest: str) -> list[str]:
+    """``k=v,k2=(a, b)`` -> the items, splitting on commas outside parentheses and brackets (tuple values)."""
+    items, depth, current = [], 0, ""
+    for char in rest:
+        depth += char in "([" and 1 or (char in ")]" and -1 or 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item for item in items + [current] if item.strip()]
+
+
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[:k=v,...]`` -> (name, keyword arguments), values read as kohya reads them."""
+    """``NAME[:k=v,...]`` -> (name, keyword arguments), values read as kohya reads them (tuples in parentheses)."""
     name, _, rest = text.partition(":")
     kwargs = {}
-    for item in filter(None, rest.split(",")) if rest else []:
+    for item in split_items(rest) if rest else []:
         key, _, value = item.partition("=")
         kwargs[key.strip()] = _parse_text(value)
     return name.strip(), kwargs

@@ -50,12 +50,10 @@ class Run:
 
 
 def parse_optimizer(text: str) -> tuple[str, dict[str, Any]]:
-    name, _, rest = text.partition(":")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        kwargs[key.strip()] = _parse_text(value)
-    return name.strip(), kwargs
+    """``NAME[:k=v,...]``; tuple values in parentheses, e.g. ``lr_mask_bounds=(0.1,3.0)``."""
+    from .ablation import parse_spec
+
+    return parse_spec(text)
 
 
 def available(text: str) -> tuple[bool, str]:
