@@ -60,10 +60,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if spec.aliases:
         print(f"aliases: {', '.join(spec.aliases)}")
     print(f"kohya: --optimizer_type sd_hina_plugin.{spec.name} --optimizer_args \"key=value\" ...\n")
-    from .engine.base import COMMON_ARGUMENTS as common
+    from .engine.base import common_first
 
-    fields = sorted(spec.config.field_specs(), key=lambda f: common.index(f.name) if f.name in common else len(common))
-    for field in fields:
+    for field in common_first(spec.config.field_specs()):
         print(f"  {field.name} ({field.kind}) = {field.to_text(field.default)}")
         print(f"      allowed: {field.range_text()}")
         print(f"      {field.help}")

@@ -18,7 +18,10 @@ def split_items(rest: str) -> list[str]:
     """``k=v,k2=(a, b)`` -> the items, splitting on commas outside parentheses and brackets (tuple values)."""
     items, depth, current = [], 0, ""
     for char in rest:
-        depth += char in "([" and 1 or (char in ")]" and -1 or 0)
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
         if char == "," and depth == 0:
             items.append(current)
             current = ""

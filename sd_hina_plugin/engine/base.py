@@ -67,13 +67,18 @@ def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
 COMMON_ARGUMENTS = ("lr", "betas", "beta1", "weight_decay", "eps")
 
 
+def common_first(fields: Iterable[Any]) -> list[Any]:
+    """Config fields with :data:`COMMON_ARGUMENTS` first, in that order, then the rest as declared."""
+    rank = {name: i for i, name in enumerate(COMMON_ARGUMENTS)}
+    return sorted(fields, key=lambda f: rank.get(f.name, len(rank)))
+
+
 def _describe_arguments(cls: type) -> None:
     """A real signature (``help()``, IDEs, ``inspect.signature``) and an argument list in the docstring, both
     generated from the config's fields, so they can never disagree with what the constructor accepts."""
     import inspect
 
-    fields = sorted(cls.Config.field_specs(),
-                    key=lambda f: COMMON_ARGUMENTS.index(f.name) if f.name in COMMON_ARGUMENTS else len(COMMON_ARGUMENTS))
+    fields = common_first(cls.Config.field_specs())
     kind = inspect.Parameter.KEYWORD_ONLY
     parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for f in fields:
@@ -132,7 +137,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     def notes(self) -> list[str]:
         """Why switched-on techniques are inactive in this combination (logged once at construction)."""
-        out: list[str] = list(getattr(self, "_adamw_notes", []))
+        out: list[str] = list(self._adamw_notes)
         for group in self.param_groups:
             for tech in self.TECHNIQUES:
                 message = tech.note(group)
@@ -141,13 +146,18 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return out
 
     # -- construction -------------------------------------------------------------------------------------
+    def _note_once(self, message: str) -> None:
+        """Say ``message`` with :meth:`notes` (logged at construction), once however many groups repeat it."""
+        if message not in self._adamw_notes:
+            self._adamw_notes.append(message)
+
     def adamw_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Hook: map torch AdamW's keywords (``betas=(b1, b2)``, ``eps``), as diffusers' and HF scripts pass them,
         onto this optimizer's own arguments where they differ. The base has AdamW's, so nothing changes."""
         return kwargs
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict) and hasattr(self, "_adamw_notes"):
+        if isinstance(param_group, dict):
             extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
             param_group = {**{k: v for k, v in param_group.items() if k in ("params", "param_names")}, **self.adamw_keywords(extra)}
         super().add_param_group(param_group)

@@ -58,18 +58,22 @@ class Reporting:
         for i, group in enumerate(self.param_groups):
             lr = group["lr"]
             out[f"hina/lr/{self.group_name(i)}"] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        for gi, avg_lr in self._avg_lrs().items():
+            out[f"hina/avg_lr/{self.group_name(gi)}"] = avg_lr
+        for key, value in self._stats.items():
+            out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        out.update(self.lokr_stats())
+        return out
+
+    def _avg_lrs(self) -> dict[int, float]:
+        """Per group with an lr mask: its lr times the mask's mean over the group's elements (from the per-pack
+        means the mask keeps on the device). Reads device values."""
         weighted: dict[int, list[float]] = {}
         for gi, mean, count in self.mask_means.values():
             acc = weighted.setdefault(gi, [0.0, 0])
             acc[0] += float(mean.item()) * count
             acc[1] += count
-        for gi, (total, count) in weighted.items():
-            lr = self.param_groups[gi]["lr"]
-            out[f"hina/avg_lr/{self.group_name(gi)}"] = float(lr) * total / count
-        for key, value in self._stats.items():
-            out[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        out.update(self.lokr_stats())
-        return out
+        return {gi: float(self.param_groups[gi]["lr"]) * total / count for gi, (total, count) in weighted.items()}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (distinct storages of every state tensor)."""
@@ -82,6 +86,8 @@ class Reporting:
         return sum(seen.values())
 
     def get_optimization_info(self) -> dict[str, Any]:
+        diag = self._lora.diagnose(self.param_groups)
+        roles = self._role_counts(diag)
         groups = []
         for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
@@ -104,24 +110,17 @@ class Reporting:
             "state_bytes_per_param": self.state_bytes() / numel if numel else math.nan,
             "scratch_bytes": self._pool.nbytes(),
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
-            "lora": self._lora_info(),
+            "lora": self._lora_info(diag),
             "notes": self.notes(),
             # the upstream fork's keys, for monitoring code written against it
             "optimizer_type": self.NAME,
             "features": {t.name: any(t.enabled(g) for g in self.param_groups) for t in self.TECHNIQUES if t.switch is not None},
-            "lora_stats": self._lora_stats(),
+            "lora_stats": {"lora_a": roles.get("lora_a", 0), "lora_b": roles.get("lora_b", 0), "pairs": len(diag["pairs"]),
+                           "modules": diag["modules"], "names_source": diag["names_source"], "roles": roles},
             "lokr_stats": self.lokr_stats() if self._packs is not None else {},
             "training_stats": {"global_step": max((g["step"] for g in self.param_groups), default=0),
                                "param_groups": len(self.param_groups), "total_params": numel},
         }
-
-    def _lora_stats(self) -> dict[str, Any]:
-        diag = self._lora.diagnose(self.param_groups)
-        roles: dict[str, int] = {}
-        for entry in diag["parameters"]:
-            roles[entry["role"]] = roles.get(entry["role"], 0) + 1
-        return {"lora_a": roles.get("lora_a", 0), "lora_b": roles.get("lora_b", 0), "pairs": len(diag["pairs"]),
-                "modules": diag["modules"], "names_source": diag["names_source"], "roles": roles}
 
     @property
     def param_groups_metadata(self) -> dict[int, dict[str, Any]]:
@@ -143,20 +142,21 @@ class Reporting:
         return out
 
     def _get_group_lr(self, group: dict[str, Any]) -> float:
-        """The group's average per-element lr: its lr times the mean of its lr mask (the lr where there is no mask).
-        Reads device values (the upstream fork's monitoring call)."""
-        lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
-        masks = [m for m in (self.lr_mask(p) for p in group["params"]) if m is not None]
-        if not masks:
-            return lr
-        total = sum(float(m.sum()) for m in masks)
-        return lr * total / sum(m.numel() for m in masks)
+        """The group's average per-element lr: ``hina/avg_lr`` of that group (its lr where it has no mask). Reads
+        device values (the upstream fork's monitoring call)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        lr = group["lr"]
+        return self._avg_lrs().get(gi, float(lr.item() if isinstance(lr, torch.Tensor) else lr))
 
-    def _lora_info(self) -> dict[str, Any]:
-        diag = self._lora.diagnose(self.param_groups)
+    @staticmethod
+    def _role_counts(diag: dict[str, Any]) -> dict[str, int]:
         roles: dict[str, int] = {}
         for entry in diag["parameters"]:
             roles[entry["role"]] = roles.get(entry["role"], 0) + 1
+        return roles
+
+    def _lora_info(self, diag: dict[str, Any]) -> dict[str, Any]:
+        roles = self._role_counts(diag)
         info = {"names_source": diag["names_source"], "roles": roles, "modules": diag["modules"],
                 "unpaired": len(diag["unpaired"]), "split_across_groups": len(diag["split_across_groups"]),
                 "role_techniques": {}}

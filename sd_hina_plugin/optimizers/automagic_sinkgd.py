@@ -59,12 +59,8 @@ class Automagic_Sinkgd(HinaOptimizer):  # noqa: N801 - the upstream name
             if not isinstance(betas, (tuple, list)) or not betas:
                 raise TypeError(f"{self.NAME}: argument 'betas' = {betas!r}: expected AdamW's (b1, b2); this optimizer uses beta1 = b1")
             out["beta1"] = betas[0]
-            note = f"betas={tuple(betas)!r} read as beta1={betas[0]!r} (SinkGD has no second moment: b2 unused)"
-            if note not in self._adamw_notes:
-                self._adamw_notes.append(note)
+            self._note_once(f"betas={tuple(betas)!r} read as beta1={betas[0]!r} (SinkGD has no second moment: b2 unused)")
         if "eps" in out:
-            out.pop("eps")
-            note = "eps has no effect (SinkGD divides by no second-moment root)"
-            if note not in self._adamw_notes:
-                self._adamw_notes.append(note)
+            del out["eps"]
+            self._note_once("eps has no effect (SinkGD divides by no second-moment root)")
         return out

@@ -274,7 +274,10 @@ class LrMask(Technique):
 
     def mask_of(self, opt, group, p) -> torch.Tensor:
         """The multiplier of parameter ``p`` (fp32, relative to the group's lr)."""
-        steps = opt.state[p]["lr_mask.steps"].float()
+        return self.multiplier(group, opt.state[p]["lr_mask.steps"].float())
+
+    def multiplier(self, group, steps: torch.Tensor) -> torch.Tensor:
+        """``1 + delta * j`` for lattice counts ``steps`` (fp32); ones while the mask has no unit yet."""
         lr0 = mask_unit(group)
         return 1.0 + self.delta(group, lr0) * steps if lr0 > 0 else torch.ones_like(steps)
 

@@ -306,9 +306,7 @@ class LatticeLrMask(LrMask):
         state = opt.state[p]
         if "lr_mask.code" not in state:
             return super().mask_of(opt, group, p)
-        lr0 = mask_unit(group)
-        steps = self.decode(state["lr_mask.code"], group).float()
-        return 1.0 + self.lattice(group, lr0)[0] * steps if lr0 > 0 else torch.ones_like(steps)
+        return self.multiplier(group, self.decode(state["lr_mask.code"], group).float())
 
     @classmethod
     def window(cls, hp, lr0: float) -> tuple[int, int]:
