@@ -7,7 +7,7 @@ from .config import Field, load_preset
 from .engine import HinaOptimizer
 from .optimizers import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_CameAMP, Automagic_CameAMP8bit,
                          Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit, Automagic_Sinkgd, COptimConfig, OptimizerConfig, CustomAdamW, CustomAdamWOptimizer, HinaAdamW,
-                         HinaAdamWCore, HinaAdamWOptimizer)
+                         HinaAdamWCore, HinaAdamWOptimizer, get_custom_adamw_optimizer)
 from .registry import create_optimizer, list_optimizers, resolve
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "HinaAdamWOptimizer",
     "HinaOptimizer",
     "create_optimizer",
+    "get_custom_adamw_optimizer",
     "list_optimizers",
     "load_preset",
     "OptimizerConfig",

@@ -39,6 +39,7 @@ from ..numerics.rounding import stochastic_round_
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs, upload
 from .report import Reporting
+from .state import StateTable
 from .technique import STAGES, Slot, Technique
 
 FORMAT_VERSION = 1
@@ -129,6 +130,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
         self.mask_means: dict[int, tuple[int, torch.Tensor, int]] = {}
         super().__init__(params, self.config.as_dict())
+        self.state = StateTable(self)  # torch's defaultdict(dict), plus the upstream's read-only lr_mask / avg_lr
         self._check_setup()
         self._discover_names()
         attach_to_kohya(self)  # inside kohya's trainer: add stats() to its step logs
@@ -140,7 +142,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         out: list[str] = list(self._adamw_notes)
         for group in self.param_groups:
             for tech in self.TECHNIQUES:
-                message = tech.note(group)
+                message = tech.note(group) or (tech.layout_note(self, group) if tech.enabled(group) else None)
                 if message and message not in out:
                     out.append(message)
         return out
@@ -184,16 +186,30 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             self._discover_names()
             self._packs.append(self._plan_group(index))
 
+    def _check_dtypes(self) -> None:
+        if self.PARAM_DTYPES is None:
+            return
+        wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
+                 if p.dtype not in self.PARAM_DTYPES]
+        if wrong:
+            listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
+            more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+            allowed = "/".join(str(d).replace("torch.", "") for d in self.PARAM_DTYPES)
+            raise TypeError(f"{self.NAME} needs {allowed} parameters; got {listed}{more}. {self.OTHER_DTYPES_HINT}".strip())
+
     def _check_setup(self) -> None:
         """Reject parameter/argument combinations that cannot work (subclasses may add checks)."""
-        if self.PARAM_DTYPES is not None:
-            wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
-                     if p.dtype not in self.PARAM_DTYPES]
-            if wrong:
-                listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
-                more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
-                allowed = "/".join(str(d).replace("torch.", "") for d in self.PARAM_DTYPES)
-                raise TypeError(f"{self.NAME} needs {allowed} parameters; got {listed}{more}. {self.OTHER_DTYPES_HINT}".strip())
+        self._dtypes_checked = True
+        try:
+            self._check_dtypes()
+        except TypeError:
+            # kohya's train_network builds the optimizer first and casts the network for --full_bf16 / --full_fp16
+            # after: check again at the first step, when the cast has happened
+            trainer = discovery.find_kohya_trainer_frame()
+            args = trainer.get("args") if trainer else None
+            if not (getattr(args, "full_bf16", False) or getattr(args, "full_fp16", False)):
+                raise
+            self._dtypes_checked = False
         if any(self._wants_8bit(g) for g in self.param_groups):
             ok, why = quant8.bnb_available()
             if not ok:
@@ -215,6 +231,10 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     def _discover_names(self) -> None:
         names, source = discovery.names_from_groups(self.param_groups), "param_names"
         wanted = self._trainable_ids()
+        if not wanted <= names.keys():
+            tagged = discovery.names_from_attributes(p for g in self.param_groups for p in g["params"])
+            if tagged:
+                names, source = {**tagged, **names}, "param_name attributes"
         if not wanted <= names.keys():
             found = discovery.names_from_kohya_frame(p for g in self.param_groups for p in g["params"])
             source = "kohya frame"
@@ -333,6 +353,9 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return tag
 
     def _init_state(self) -> None:
+        if not self._dtypes_checked:
+            self._check_dtypes()
+            self._dtypes_checked = True
         self._report_missing_names()
         self._packs = [self._plan_group(gi) for gi in range(len(self.param_groups))]
 
@@ -529,6 +552,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     # -- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts: no derived keys, no back-reference
         sd["hina"] = {
             "format": FORMAT_VERSION,
             "optimizer": self.NAME,

@@ -49,6 +49,15 @@ class Reporting:
                         return tech.mask_of(self, group, p)
         return None
 
+    def lr_in_lr_units(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The per-element lr of ``p`` (``group["lr"] * lr_mask(p)``, a new fp32 tensor shaped like ``p``), or None
+        without an lr mask. Also read as ``optimizer.state[p]['lr_mask']``, the upstream fork's key."""
+        mask = self.lr_mask(p)
+        if mask is None:
+            return None
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return mask * float(group["lr"])
+
     def group_name(self, index: int) -> str:
         return str(self.param_groups[index].get("hina_desc") or f"group{index}")
 

@@ -84,6 +84,10 @@ class Technique:
         """A message explaining why a switched-on technique is inactive in this combination (or ``None``)."""
         return None
 
+    def layout_note(self, opt: Any, hp: Any) -> str | None:
+        """Like :meth:`note`, for reasons that depend on the optimizer's parameters (names, LoRA roles, groups)."""
+        return None
+
     def all_fields(self) -> tuple[Field, ...]:
         return self.fields + ((self.switch,) if self.switch is not None else ())
 

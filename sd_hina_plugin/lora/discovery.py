@@ -6,13 +6,15 @@ Sources, in the order tried:
 
 1. ``param_names`` in the param groups: torch's own mechanism (``Optimizer(model.named_parameters())``),
    or written by :meth:`HinaOptimizer.attach_names`.
-2. **kohya frame**: when kohya's ``NetworkTrainer.train`` builds the optimizer, its frame has the locals
+2. a string ``param_name`` attribute on the parameter (``p.param_name = name``, the upstream fork's advice for
+   code that builds its groups by hand).
+3. **kohya frame**: when kohya's ``NetworkTrainer.train`` builds the optimizer, its frame has the locals
    ``network`` (the LoRA network; ``named_parameters()`` gives ``lora_unet_....lora_down.weight``) and
    ``self`` (the trainer). Walking up from the constructor finds it; this works for every
    ``*train_network.py`` subclass, which inherit ``train``.
-3. **module scan**: every live ``nn.Module`` with a string attribute ``lora_name`` (kohya LoRAModule, LyCORIS
+4. **module scan**: every live ``nn.Module`` with a string attribute ``lora_name`` (kohya LoRAModule, LyCORIS
    modules, Flux/SD3 LoRA modules) names its own parameters ``f"{lora_name}.{param_name}"``. Costs one
-   pass over the garbage collector's objects (~0.1 s), and is tried only when 1 and 2 found nothing.
+   pass over the garbage collector's objects (~0.1 s), and is tried only when 1 to 3 left names missing.
 
 Without names the optimizer says so once in the log and classifies by shape (``lora/layout.py``).
 """
@@ -37,6 +39,11 @@ def names_from_groups(param_groups: list[dict[str, Any]]) -> dict[int, str]:
         if group_names and len(group_names) == len(group["params"]):
             names.update((id(p), n) for p, n in zip(group["params"], group_names))
     return names
+
+
+def names_from_attributes(params: Iterable[torch.Tensor]) -> dict[int, str]:
+    """``p.param_name`` where a parameter carries one (a non-empty string)."""
+    return {id(p): p.param_name for p in params if isinstance(getattr(p, "param_name", None), str) and p.param_name}
 
 
 def _cover(module: nn.Module, wanted: set[int]) -> dict[int, str]:

@@ -66,3 +66,8 @@ class HinaAdamWOptimizer(HinaOptimizer):
         DynamicWeightDecay(DYNAMIC_WD), DecoupledWeightDecay(), SelectiveProjectionDecay(SPD_LAMBDA, USE_SPD), WriteParams(),
     )
     Config = config_for(NAME, TECHNIQUES, PRECISION_FIELDS, defaults={"optim_bits": 8})
+
+
+def get_custom_adamw_optimizer(params, lr: float = 1e-3, optimizer_kwargs: dict | None = None) -> HinaAdamWOptimizer:
+    """The upstream fork's helper: ``HinaAdamWOptimizer(params, lr=lr, **optimizer_kwargs)``."""
+    return HinaAdamWOptimizer(params, lr=lr, **(optimizer_kwargs or {}))

@@ -47,6 +47,12 @@ class LoraPlusRatio(Technique):
     def applies(self, opt: Any) -> bool:
         return not opt.lora.roles_split_by_groups
 
+    def layout_note(self, opt: Any, hp: Any) -> str | None:
+        if hp[self.ratio.name] == 1.0 or self.applies(opt):
+            return None
+        return (f"our LoRA+ ratio ({self.ratio.name}={hp[self.ratio.name]:g}) is off: the LoRA factors' up and down halves are in "
+                "separate param groups, as kohya's loraplus_lr_ratio makes them, and those groups' lrs already carry kohya's ratio")
+
     def run(self, ctx) -> None:
         ratio = ctx.hp[self.ratio.name]
         if ratio == 1.0 or not self.applies(ctx.opt):

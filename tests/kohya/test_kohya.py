@@ -154,3 +154,33 @@ def test_launcher_rewrites_only_our_names():
     assert resolve_optimizer_type("AdamW8bit") == "AdamW8bit"
     assert resolve_optimizer_type("bitsandbytes.optim.AdEMAMix8bit") == "bitsandbytes.optim.AdEMAMix8bit"
     assert rewrite_arguments(["--optimizer_type=CustomAdamW", "--x", "1"])[0] == "--optimizer_type=sd_hina_plugin.HinaAdamWOptimizer"
+
+
+def test_full_bf16_cast_after_construction_is_checked_at_the_first_step():
+    """kohya's train_network builds the optimizer, then casts the network for --full_bf16: the bf16-only
+    optimizer accepts fp32 parameters there and checks them at its first step. Elsewhere it refuses at once."""
+    import argparse
+
+    from sd_hina_plugin import AdamWBF16_HinaAdaptive
+
+    class Trainer:
+        def generate_step_logs(self, *a, **k):
+            return {}
+
+    def train(self, args, network):  # the locals kohya's NetworkTrainer.train has
+        return AdamWBF16_HinaAdaptive(network.parameters(), lr=1e-3)
+
+    network = torch.nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="needs bfloat16"):
+        train(Trainer(), argparse.Namespace(full_bf16=False, full_fp16=False), network)
+    with pytest.raises(TypeError, match="needs bfloat16"):
+        AdamWBF16_HinaAdaptive(network.parameters(), lr=1e-3)
+    optimizer = train(Trainer(), argparse.Namespace(full_bf16=True, full_fp16=False), network)
+    network.to(torch.bfloat16)
+    network(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    late = train(Trainer(), argparse.Namespace(full_bf16=True, full_fp16=False), torch.nn.Linear(4, 4))
+    for p in late.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="needs bfloat16"):
+        late.step()

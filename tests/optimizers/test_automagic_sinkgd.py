@@ -55,14 +55,20 @@ def reference_run(named, grads_per_step, hp, lr):
             theta = {n: (2 * torch.sigmoid(4 * zi)).item() for n, zi in zip(p, z)}
         new_p = {}
         for n in p:
-            g = grads[n]
-            if g.dim() >= 2:
+            g, b1 = grads[n], hp["beta1"]
+            if hp["sinkgd_momentum"] == "nesterov":  # new momentum first, then b1 m + (1 - b1) g
+                m[n] = m[n] * b1 + (1 - b1) * g
+                u = b1 * m[n] + (1 - b1) * g
+            elif g.dim() >= 2:  # the upstream's Grams-style direction from the previous momentum
                 u = m[n].abs() * torch.sign(g + m[n])
-                u = plain_sinkgd(u.reshape(u.shape[0], -1), iterations).reshape(u.shape)
             else:
                 u = m[n].abs() * torch.sign(g)
+            if g.dim() >= 2:
+                u = plain_sinkgd(u.reshape(u.shape[0], -1), iterations).reshape(u.shape)
+            else:
                 u = u * math.sqrt(u.numel()) / (u.norm() + 1e-15)
-            m[n] = m[n] * hp["beta1"] + (1 - hp["beta1"]) * g
+            if hp["sinkgd_momentum"] == "grams":
+                m[n] = m[n] * b1 + (1 - b1) * g
             u = u / (1 + min(3 * (m[n] ** 2).sum().item(), 10))
             if t <= W:
                 # absolute lr_bump / min_lr / max_lr where given (the upstream's), else relative to the lr
@@ -87,12 +93,14 @@ def reference_run(named, grads_per_step, hp, lr):
 
 @pytest.mark.parametrize("bounds", [{}, {"lr_bump": 1e-5, "min_lr": 1e-6, "max_lr": 1e-2}, {"lr_mask_bump": 0.25, "lr_mask_bounds": (0.5, 1.5)}],
                          ids=["relative-defaults", "absolute-upstream", "relative-tight"])
-def test_matches_reference(bounds):
+@pytest.mark.parametrize("direction", ["nesterov", "grams"])
+def test_matches_reference(bounds, direction):
     torch.manual_seed(0)
     named = [("a.lora_down.weight", torch.nn.Parameter(torch.randn(4, 24) * 0.3)),
              ("a.lora_up.weight", torch.nn.Parameter(torch.randn(24, 4) * 0.01)),
              ("conv.lora_down.weight", torch.nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)),
              ("scale", torch.nn.Parameter(torch.ones(10)))]
+    bounds = {**bounds, "sinkgd_momentum": direction}
     hp = Automagic_Sinkgd.Config(warmup_steps=6, stats_update_freq=3, weight_decay=0.05, **bounds).as_dict()
     grads = [{n: torch.randn_like(p) * 0.01 for n, p in named} for _ in range(10)]
     start = {n: p.detach().clone() for n, p in named}

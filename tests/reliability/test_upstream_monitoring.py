@@ -77,3 +77,66 @@ def test_role_techniques_report_off_when_no_adapter_module_is_found():
     assert notes and all(v.startswith("off: no LoRA/LoKr/LoHa module found") for v in notes.values()), notes
     named = _trained(sd_hina_plugin.HinaAdamWOptimizer, steps=1).get_optimization_info()["lora"]["role_techniques"]
     assert "on" in named.values(), named
+
+
+def test_state_lr_mask_and_avg_lr_read_as_in_the_upstream(capsys):
+    """seed 001/000 loops over optimizer.state: 'lr_mask' is the per-element lr in lr units, 'avg_lr' its mean;
+    neither is stored (checkpoints hold the real state only)."""
+    optimizer = _trained(sd_hina_plugin.Automagic_CameAMP, steps=6, warmup_steps=4)
+    printed = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                state = optimizer.state[p]
+                if 'lr_mask' in state:
+                    lr_mask = state['lr_mask']
+                    print(f"LR 範圍: {lr_mask.min():.6f} - {lr_mask.max():.6f}")
+                    printed += 1
+                if 'avg_lr' in state:
+                    print(f"avg_lr = {state['avg_lr']:.2e}")
+    assert printed == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert "LR 範圍: 0.0000" in capsys.readouterr().out
+    p = optimizer.param_groups[0]["params"][0]
+    lr = optimizer.param_groups[0]["lr"]
+    torch.testing.assert_close(optimizer.state[p]["lr_mask"], optimizer.lr_mask(p) * lr)
+    torch.testing.assert_close(optimizer.state[p]["avg_lr"], (optimizer.lr_mask(p) * lr).mean())
+    assert not (optimizer.state[p]["lr_mask"] == lr).all()  # the mask moved
+    assert "lr_mask" not in optimizer.state[p].keys() and optimizer.state[p].get("avg_lr") is not None
+    saved = optimizer.state_dict()["state"]
+    assert all(type(s) is dict and "lr_mask" not in s and "avg_lr" not in s for s in saved.values())
+    # without an lr mask the keys are absent, as in the upstream's AdamW names
+    plain = _trained(sd_hina_plugin.HinaAdamWCore, steps=1)
+    q = plain.param_groups[0]["params"][0]
+    assert "lr_mask" not in plain.state[q] and plain.state[q].get("lr_mask") is None
+
+
+def test_get_custom_adamw_optimizer_and_param_name_attributes():
+    """seed 002: the convenience function, and LoRA detection from a param_name attribute on each parameter."""
+    torch.manual_seed(0)
+    net = KohyaLoRANetwork(TinyUNet(), [TinyTextEncoder()])
+    params = []
+    for name, p in net.named_parameters():
+        p.param_name = name
+        params.append(p)
+    optimizer = sd_hina_plugin.get_custom_adamw_optimizer(params, lr=1e-3, optimizer_kwargs={"use_spd": True, "use_alora": True})
+    assert isinstance(optimizer, sd_hina_plugin.HinaAdamWOptimizer) and optimizer.param_groups[0]["lr"] == 1e-3
+    info = optimizer.get_optimization_info()
+    assert info["lora"]["names_source"] == "param_name attributes"
+    assert info["lora_stats"]["pairs"] > 0
+    bare = sd_hina_plugin.get_custom_adamw_optimizer([torch.nn.Parameter(torch.randn(4, 4))])
+    assert bare.param_groups[0]["lr"] == 1e-3 and bare.param_groups[0]["use_spd"] is True
+
+
+def test_kohya_loraplus_groups_turn_our_ratio_off_with_a_note(caplog):
+    """kohya's loraplus_lr_ratio puts up and down halves in separate groups: our LoRA+ is off, and says so."""
+    torch.manual_seed(0)
+    net = KohyaLoRANetwork(TinyUNet(), [TinyTextEncoder()])
+    named = list(net.named_parameters())
+    ups = [p for n, p in named if "lora_up" in n]
+    rest = [p for n, p in named if "lora_up" not in n]
+    with caplog.at_level("INFO", logger="sd_hina_plugin"):
+        optimizer = sd_hina_plugin.HinaAdamWOptimizer([{"params": rest}, {"params": ups, "lr": 4e-4}], lr=1e-4)
+        optimizer.attach_names(named)
+    assert any("LoRA+ ratio (alora_ratio=21) is off" in n for n in optimizer.notes()), optimizer.notes()
+    joined = _trained(sd_hina_plugin.HinaAdamWOptimizer, steps=1)
+    assert not any("LoRA+" in n for n in joined.notes())

@@ -1,0 +1,131 @@
+"""A tiny, randomly initialised SD1 model for the real-kohya tests, built offline (executed by the kohya
+virtualenv's python: sd-scripts' pinned diffusers and transformers write it).
+
+    python fixture.py OUT_DIR
+
+writes ``OUT_DIR/model`` (a diffusers StableDiffusionPipeline folder: CLIP text encoder, VAE, U-Net, DDPM
+scheduler), ``OUT_DIR/tokenizers/openai_clip-vit-large-patch14`` (a CLIP tokenizer over a byte-level vocabulary,
+found by sd-scripts through ``--tokenizer_cache_dir OUT_DIR/tokenizers``) and ``OUT_DIR/train/1_tiny`` (a
+DreamBooth-style folder: eight 64x64 images with ``.txt`` captions, one repeat).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+#: the U-Net's widths; kohya_shim.py shrinks sd-scripts' own U-Net to the same
+UNET = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16,
+        "cross_attention_dim": 32, "attention_head_dim": 4}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+IMAGES = 8
+
+
+def define_torchvision_ops() -> None:
+    """Define ``torchvision::nms`` and ``qnms`` when torchvision's compiled ops do not load beside this torch
+    (PyPI's torchvision with the local CPU torch): importing torchvision registers fake kernels for them and
+    fails without their schemas; neither sd-scripts nor diffusers calls them."""
+    import torch
+
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (the compiled ops loaded)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")  # kept alive for the process
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    define_torchvision_ops.lib = lib
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte-to-character table (printable bytes as themselves, the rest shifted past 255)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def write_tokenizer(folder: Path) -> int:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def write_model(folder: Path, vocab_size: int, tokenizer_dir: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                                                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TEXT))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=16, sample_size=64)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **UNET)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+
+
+def write_images(folder: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(IMAGES):
+        y, x = np.mgrid[0:64, 0:64]
+        stripes = ((x + y * (i % 3)) // (4 + i) % 2).astype(np.float32)
+        colour = rng.uniform(0.2, 1.0, size=3)
+        image = (stripes[..., None] * colour * 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a tiny striped picture number {i}")
+
+
+def build(out: Path) -> Path:
+    define_torchvision_ops()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / "tokenizers" / "openai_clip-vit-large-patch14"
+    vocab_size = write_tokenizer(tokenizer_dir)
+    write_model(out / "model", vocab_size, tokenizer_dir)
+    write_images(out / "train" / "1_tiny")
+    return out
+
+
+def read_scalars(logdir: Path) -> dict[str, list[float]]:
+    """Every scalar of the TensorBoard event files under ``logdir``: tag -> values in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for path in sorted(logdir.rglob("*tfevents*")):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--scalars":  # for the tests, whose own venv may lack tensorboard
+        print(json.dumps(read_scalars(Path(sys.argv[2]))))
+    else:
+        print(build(Path(sys.argv[1])))

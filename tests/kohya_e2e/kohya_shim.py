@@ -1,0 +1,66 @@
+"""Run a real sd-scripts trainer on the tiny offline SD1 fixture (executed by the kohya virtualenv's python).
+
+    python kohya_shim.py SD_SCRIPTS_DIR [--launcher] [--no-hook] SCRIPT.py [kohya arguments...]
+
+Before sd-scripts is imported it:
+
+* defines the two torchvision op schemas (``torchvision::nms``, ``torchvision::qnms``) when torchvision's
+  compiled ops do not load beside a CPU torch from another build: sd-scripts imports torchvision's transforms,
+  which register fake kernels for these ops at import, and never calls them;
+* shrinks sd-scripts' own SD1 U-Net (``library/original_unet.py`` builds it from module constants) to the
+  fixture's widths (``fixture.UNET``), so the diffusers U-Net in the fixture's folder loads into it.
+
+Then it runs the script as ``__main__`` (kohya's own entry point, our hook attaching by itself) or, with
+``--launcher``, through ``sd-hina-train`` (``sd_hina_plugin.kohya.launcher.main``). ``--no-hook`` disables
+our kohya hook, to show that the tests' TensorBoard checks fail without it.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+
+def shrink_unet() -> None:
+    from fixture import UNET
+
+    import library.original_unet as ou
+
+    channels = tuple(UNET["block_out_channels"])
+    ou.BLOCK_OUT_CHANNELS = channels
+    ou.TIMESTEP_INPUT_DIM = channels[0]
+    ou.TIME_EMBED_DIM = channels[0] * 4
+    ou.LAYERS_PER_BLOCK = UNET["layers_per_block"]
+    ou.LAYERS_PER_BLOCK_UP = UNET["layers_per_block"] + 1
+    ou.NORM_GROUPS = UNET["norm_num_groups"]
+    ou.TRANSFORMER_NORM_NUM_GROUPS = UNET["norm_num_groups"]
+
+
+def main(argv: list[str]) -> None:
+    sd_scripts, rest = Path(argv[0]).resolve(), argv[1:]
+    flags = set()
+    while rest and rest[0] in ("--launcher", "--no-hook"):
+        flags.add(rest.pop(0))
+    launcher = "--launcher" in flags
+    script = (sd_scripts / rest[0]).resolve()
+    sys.path.insert(0, str(sd_scripts))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fixture import define_torchvision_ops
+
+    define_torchvision_ops()
+    shrink_unet()
+    if "--no-hook" in flags:  # for the test that shows a broken hook fails the TensorBoard check
+        import sd_hina_plugin.engine.base as base
+
+        base.attach_to_kohya = lambda optimizer: None
+    if launcher:
+        from sd_hina_plugin.kohya.launcher import main as launch
+
+        raise SystemExit(launch([str(script), *rest[1:]]))
+    sys.argv = [str(script), *rest[1:]]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,211 @@
+"""The real, unmodified kohya-ss/sd-scripts trainer with our optimizers (marker ``kohya_e2e``).
+
+sd-scripts pins older transformers, diffusers and accelerate than our test extras, so it runs in its own
+virtualenv (``scripts/kohya_env.sh`` makes ``.venv-kohya``); each test starts ``train_network.py`` there in a
+subprocess, on a tiny randomly initialised SD1 model built offline (``fixture.py``), through ``kohya_shim.py``
+(which only shrinks sd-scripts' U-Net constants to the fixture and defines two torchvision op schemas).
+
+Where things come from (environment variables, else the defaults):
+
+* ``SD_SCRIPTS_DIR``: the sd-scripts checkout (default ``../shared/sd-scripts`` beside the repo, when present);
+* ``KOHYA_PYTHON``: the python of a virtualenv with sd-scripts' requirements and this package (default
+  ``.venv-kohya/bin/python``).
+
+Without either, every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import PRESETS
+
+from sd_hina_plugin import registry
+from sd_hina_plugin.config import load_preset
+
+pytestmark = pytest.mark.kohya_e2e
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SD_SCRIPTS = Path(os.environ.get("SD_SCRIPTS_DIR") or ROOT.parent / "shared" / "sd-scripts")
+PYTHON = Path(os.environ.get("KOHYA_PYTHON") or ROOT / ".venv-kohya" / "bin" / "python")
+
+#: the upstream fork's documented --optimizer_args for each name (its kohya command lines where it gives one,
+#: otherwise its documented constructor arguments written as kohya strings)
+SEED_ARGS = {
+    "HinaAdamWOptimizer": ["use_spd=True", "spd_lambda=0.1", "use_cautious=True", "use_adopt_stability=True", "use_grams=True",
+                           "use_agr=True", "use_tam=True", "tam_beta=0.999", "use_alora=True", "alora_ratio=21.0",
+                           "dynamic_weight_decay=True"],
+    "HinaAdamWCore": ["weight_decay=0.01", "betas=(0.9,0.999)"],
+    "Automagic_Sinkgd": ["min_lr=1e-6", "max_lr=1e-3", "eta=2.0", "warmup_steps=500", "full_finetune=False", "orthograd=True",
+                         "stats_update_freq=3"],
+    "Automagic_CameAMP": ["weight_decay=1e-4", "warmup_steps=1000", "verbose=True"],
+    "Automagic_CameAMP8bit": ["weight_decay=1e-4", "verbose=True"],
+    "Automagic_CameAMP_COptim": ["verbose=True"],
+    "Automagic_CameAMP_COptim8bit": ["edge_threshold=0.8", "adaptation_rate=0.2", "verbose=True"],
+    "AdamW_HinaAdaptive": ["weight_decay=1e-2", "use_dynamic_adaptation=True", "adaptation_strength=1.2",
+                           "relationship_discovery_interval=50", "use_orthogonal_grad=True", "use_tam=True"],
+    "AdamWBF16_HinaAdaptive": ["weight_decay=1e-2", "use_dynamic_adaptation=True", "adaptation_strength=1.2",
+                               "relationship_discovery_interval=50", "importance_decay=0.95", "compatibility_threshold=0.3"],
+}
+#: kohya arguments an optimizer needs beyond the common ones (bf16 weights)
+EXTRA = {"AdamWBF16_HinaAdaptive": ["--mixed_precision", "bf16", "--full_bf16"]}
+
+
+def _missing() -> str | None:
+    if not (SD_SCRIPTS / "train_network.py").is_file():
+        return f"no sd-scripts checkout at {SD_SCRIPTS} (set SD_SCRIPTS_DIR)"
+    if not PYTHON.is_file():
+        return f"no kohya virtualenv python at {PYTHON} (run scripts/kohya_env.sh, or set KOHYA_PYTHON)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory) -> Path:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("kohya_fixture")
+    done = subprocess.run([str(PYTHON), str(HERE / "fixture.py"), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+class Run:
+    def __init__(self, fixture: Path, work: Path):
+        self.fixture, self.work = fixture, work
+
+    def base(self, steps: int = 2, optimizer: str | None = "sd_hina_plugin.HinaAdamWCore", lr: float = 1e-3, logs: bool = False) -> list[str]:
+        args = ["--pretrained_model_name_or_path", str(self.fixture / "model"), "--tokenizer_cache_dir", str(self.fixture / "tokenizers"),
+                "--train_data_dir", str(self.fixture / "train"), "--resolution", "64", "--caption_extension", ".txt",
+                "--output_dir", str(self.work / "out"), "--output_name", "net", "--save_model_as", "safetensors",
+                "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4",
+                "--learning_rate", str(lr), "--max_train_steps", str(steps), "--train_batch_size", "2", "--seed", "0",
+                "--max_data_loader_n_workers", "0"]
+        if optimizer:
+            args += ["--optimizer_type", optimizer]
+        if logs:
+            args += ["--logging_dir", str(self.work / "logs"), "--log_with", "tensorboard"]
+        return args
+
+    def __call__(self, args: list[str], launcher: bool = False, hook: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
+        flags = (["--launcher"] if launcher else []) + ([] if hook else ["--no-hook"])
+        command = [str(PYTHON), str(HERE / "kohya_shim.py"), str(SD_SCRIPTS), *flags, "train_network.py", *args]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+               "COLUMNS": "400"}  # kohya's rich log lines unwrapped
+        done = subprocess.run(command, cwd=self.work, capture_output=True, text=True, env=env, timeout=600)
+        if ok:
+            assert done.returncode == 0, f"kohya failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        return done
+
+    def scalars(self) -> dict[str, list[float]]:
+        done = subprocess.run([str(PYTHON), str(HERE / "fixture.py"), "--scalars", str(self.work / "logs")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    def weights(self, name: str = "net") -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.work / "out" / f"{name}.safetensors"))
+
+
+@pytest.fixture
+def kohya(fixture_dir, tmp_path) -> Run:
+    return Run(fixture_dir, tmp_path)
+
+
+def _log(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SEED_ARGS))
+def test_every_name_trains_with_the_upstream_optimizer_args(kohya, name):
+    """kohya's own get_optimizer imports sd_hina_plugin.<Name>, parses the upstream's strings, trains and saves."""
+    assert set(SEED_ARGS) == {s.name for s in registry.specs()}
+    done = kohya(kohya.base(optimizer=f"sd_hina_plugin.{name}") + EXTRA.get(name, []) + ["--optimizer_args", *SEED_ARGS[name]])
+    assert f"use sd_hina_plugin.{name} " in _log(done)  # kohya's own "use <optimizer_type> | <kwargs>" line
+    assert any(k.startswith("lora_unet") for k in kohya.weights())
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_as_config_file(kohya, path):
+    """Each preset is a --config_file that kohya reads; its optimizer trains."""
+    name = registry.resolve(load_preset(path)["optimizer_type"]).name
+    kohya(kohya.base(optimizer=None) + ["--config_file", str(path)] + EXTRA.get(name, []))
+    assert kohya.weights()
+
+
+def test_lora_run_logs_our_scalars_to_tensorboard(kohya):
+    kohya(kohya.base(steps=4, optimizer="sd_hina_plugin.AdamW_HinaAdaptive", logs=True) + ["--optimizer_args", "optim_bits=32"])
+    scalars = kohya.scalars()
+    for tag in ("hina/lr/unet", "hina/lr/textencoder", "hina/avg_lr/unet", "hina/nonfinite_skipped"):
+        assert tag in scalars, sorted(scalars)
+    assert any(t.startswith("hina/importance") for t in scalars), sorted(scalars)
+    assert scalars["hina/lr/unet"][-1] == pytest.approx(1e-3)
+    assert "loss/current" in scalars  # kohya's own logging untouched
+
+
+def test_lycoris_lokr_run_logs_lokr_and_coptim_scalars(kohya):
+    args = kohya.base(steps=4, optimizer="sd_hina_plugin.Automagic_CameAMP_COptim", logs=True)
+    args[args.index("networks.lora")] = "lycoris.kohya"
+    kohya(args + ["--network_args", "algo=lokr", "factor=4", "preset=attn-mlp"])
+    scalars = kohya.scalars()
+    assert any(t.startswith("hina/lokr/") for t in scalars), sorted(scalars)
+    assert any(t.startswith("hina/coptim") for t in scalars), sorted(scalars)
+    assert any(t.startswith("hina/avg_lr/") for t in scalars), sorted(scalars)
+    assert any(k.endswith("lokr_w1") for k in kohya.weights())
+
+
+def test_save_state_and_resume_continue_as_one_run(kohya, tmp_path):
+    """4 steps straight == 2 steps, --save_state, then --resume to step 4 (kohya skips the batches already seen)."""
+    opt = ["--optimizer_type", "sd_hina_plugin.AdamW_HinaAdaptive", "--optimizer_args", "optim_bits=32"]
+    straight = Run(kohya.fixture, tmp_path / "straight")
+    straight.work.mkdir()
+    straight(straight.base(steps=4, optimizer=None) + opt)
+    first = Run(kohya.fixture, tmp_path / "first")
+    first.work.mkdir()
+    first(first.base(steps=2, optimizer=None) + opt + ["--save_state_on_train_end"])
+    state = first.work / "out" / "net-state"
+    assert (state / "optimizer.bin").is_file(), sorted(p.name for p in state.parent.iterdir())
+    resumed = Run(kohya.fixture, tmp_path / "resumed")
+    resumed.work.mkdir()
+    resumed(resumed.base(steps=4, optimizer=None) + opt + ["--resume", str(state), "--skip_until_initial_step"])
+    a, b = straight.weights(), resumed.weights()
+    assert a.keys() == b.keys()
+    import torch
+
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst == 0.0, f"resumed run differs from the straight one by {worst}"
+
+
+def test_kohya_loraplus_switches_ours_off_and_says_so(kohya):
+    done = kohya(kohya.base(optimizer="sd_hina_plugin.HinaAdamWOptimizer") + ["--network_args", "loraplus_lr_ratio=4"])
+    log = _log(done)
+    assert "LoRA+" in log and "kohya" in log, log[-3000:]
+
+
+def test_launcher_with_short_names(kohya, tmp_path):
+    """sd-hina-train: --optimizer_type HinaAdamW on the command line and a short name in a --config_file."""
+    done = kohya(kohya.base(optimizer="HinaAdamW"), launcher=True)
+    assert "sd_hina_plugin.HinaAdamWOptimizer" in _log(done)
+    config = tmp_path / "short.toml"
+    config.write_text('[optimizer]\noptimizer_type = "Automagic_CameAMP"\noptimizer_args = ["weight_decay=1e-4"]\n')
+    done = kohya(kohya.base(optimizer=None) + ["--config_file", str(config)], launcher=True)
+    assert "sd_hina_plugin.Automagic_CameAMP" in _log(done)
+
+
+def test_bf16_mixed_precision_on_this_device(kohya):
+    kohya(kohya.base(optimizer="sd_hina_plugin.HinaAdamWOptimizer", logs=True) + ["--mixed_precision", "bf16"])
+    assert "hina/lr/unet" in kohya.scalars()
+
+
+def test_a_broken_hook_fails_the_tensorboard_check(kohya):
+    """The TensorBoard checks above are live: with our kohya hook disabled, no hina/* scalar is written."""
+    kohya(kohya.base(steps=2, optimizer="sd_hina_plugin.HinaAdamWCore", logs=True), hook=False)
+    scalars = kohya.scalars()
+    assert "loss/current" in scalars and not any(t.startswith("hina/") for t in scalars)
