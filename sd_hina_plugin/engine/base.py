@@ -213,7 +213,13 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         if any(self._wants_8bit(g) for g in self.param_groups):
             ok, why = quant8.bnb_available()
             if not ok:
-                raise RuntimeError(f"{self.NAME}: optim_bits=8 needs bitsandbytes' blockwise kernels, which failed here ({why}); use optim_bits=32")
+                if "optim_bits" in self.Config.FIELDS:
+                    instead = "use optim_bits=32"
+                elif self.NAME.endswith("8bit"):
+                    instead = f"use {self.NAME[:-len('8bit')]} (the same optimizer with 32-bit state)"
+                else:
+                    instead = "set min_8bit_size above your largest tensor"
+                raise RuntimeError(f"{self.NAME}: 8-bit state needs bitsandbytes' blockwise kernels, which failed here ({why}); {instead}")
 
     @staticmethod
     def _wants_8bit(group: dict[str, Any]) -> bool:

@@ -4,13 +4,15 @@ A step, with t the group's step and W = warmup_steps:
 
     t = 1        momentum and gradient signs initialised, no update (ADOPT-style)
     grad         OrthoGrad on the raw gradient once t > W (orthograd=True)
-    direction    u = |m| sign(g + m), SinkGD-normalised (sinkgd_iters passes; 1-D: RMS 1); then m updated
+    direction    m updated, u = b1 m + (1 - b1) g (Nesterov; sinkgd_momentum='grams': the upstream's |m| sign(g + m)
+                 from the previous m, m updated after), SinkGD-normalised (sinkgd_iters passes; 1-D: RMS 1)
     scale        VRAdam factor; lr mask (per element, relative to the group lr: +lr_bump/lr0 where the gradient
                  keeps its sign, -lr_bump/lr0 where it flips, Prodigy-style d_coef asymmetry while t < W/2,
                  frozen after W); ALLoRA rows from the current weights (LoRA mode)
     apply        AdaDecay-style weight decay (strength weight_decay, statistics every stats_update_freq steps)
 
 Differences from the original, on purpose:
+- the direction is Nesterov momentum by default (measured: docs/benchmarks.md, "Automagic_Sinkgd's direction");
 - conv (4-D) and 1-D tensors are normalised too;
 - the mask multiplies the scheduler's lr instead of replacing it;
 - there is no built-in post-warm-up decay to 10 % (use the lr scheduler);

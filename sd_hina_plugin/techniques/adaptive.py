@@ -325,6 +325,8 @@ class LrMask(Technique):
                     b.rows(steps).addcmul_(b.rows(change), both[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
             steps.clamp_(*self.bounds(ctx, delta, lr0))
             self.write_steps(ctx, steps, lr0)
+        elif ctx.step == 1:  # absolute bounds that exclude the built-with lr: the mask starts at the nearest bound
+            self.clamp_start(ctx, steps, delta, lr0)
         count = ctx.temp().copy_(steps)
         if ctx.step <= hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
             # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
@@ -339,6 +341,15 @@ class LrMask(Technique):
     def skipped(self, ctx) -> None:
         if ctx.step <= ctx.hp["warmup_steps"]:
             self.record(ctx)
+        lr0 = mask_unit(ctx.hp)
+        if ctx.step == 1 and lr0 > 0 and (delta := self.delta(ctx.hp, lr0)) != 0:
+            self.clamp_start(ctx, self.read_steps(ctx, lr0), delta, lr0)
+
+    def clamp_start(self, ctx, steps: torch.Tensor, delta: float, lr0: float) -> None:
+        """At step 1, put the mask (1 at first) within its bounds: with the upstream's absolute ``min_lr`` /
+        ``max_lr`` the built-with lr may lie outside them (``max_lr=5e-4`` at lr 1e-3 starts the mask at 0.5)."""
+        steps.clamp_(*self.bounds(ctx, delta, lr0))
+        self.write_steps(ctx, steps, lr0)
 
     def bumps(self, ctx, units: int) -> tuple[Any, Any]:
         """Upward and downward steps in lattice steps (ints, or per-tensor int16 vectors in subclasses)."""

@@ -1,4 +1,11 @@
-"""kohya sd-scripts integration, against a faithful stand-in of kohya's get_optimizer / trainer (tests/kohya_fake)."""
+"""kohya integration checks that need to look inside the trainer's process, against a stand-in of kohya's
+trainer (tests/kohya_fake); the real, unmodified sd-scripts runs in tests/kohya_e2e (marker kohya_e2e).
+
+What stays here, and why the real trainer cannot replace it: the count of losses the hook hands the optimizer
+(``observe_loss``), in kohya's trainer and in a subclassed one (the real trainer's optimizer is in another
+process, and the loss leaves no trace in its logs); that nothing is called without logging; the hook's
+behaviour outside kohya; the launcher's name rewriting; and the --full_bf16 construction order, in a second.
+These run in the default test run, which has no sd-scripts virtualenv."""
 
 from __future__ import annotations
 
@@ -10,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import PRESETS, param_dtype
 
 from sd_hina_plugin import registry
-from sd_hina_plugin.config import load_preset
 from sd_hina_plugin.kohya import attach
 
 FAKE = Path(__file__).resolve().parents[1] / "kohya_fake"
@@ -51,40 +56,6 @@ def _event_tags(logdir: Path) -> set[str]:
                 acc.Reload()
                 tags |= set(acc.Tags()["scalars"])
     return tags
-
-
-CASES = [(s.name, name, []) for s in registry.specs() for name in (s.name, *s.aliases)]
-CASES += [(registry.resolve(load_preset(p)["optimizer_type"]).name, load_preset(p)["optimizer_type"].split(".")[-1],
-           load_preset(p)["optimizer_args"]) for p in PRESETS]
-
-
-@pytest.mark.parametrize("spec_name, type_name, optimizer_args", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_kohya_get_optimizer_builds_every_optimizer(kohya, spec_name, type_name, optimizer_args):
-    """--optimizer_type sd_hina_plugin.<Name> --optimizer_args ... through kohya's rules, with kohya's groups."""
-    from library import train_util
-
-    dtype = param_dtype(spec_name)
-    a, b = torch.nn.Parameter(torch.zeros(4, 8, dtype=dtype)), torch.nn.Parameter(torch.zeros(8, 4, dtype=dtype))
-    groups = [{"params": {"a": a}.values(), "lr": 5e-5}, {"params": {"b": b}.values(), "lr": 1e-4}]
-    args = _args(kohya, "--optimizer_type", f"sd_hina_plugin.{type_name}", "--learning_rate", "1e-4",
-                 *(["--optimizer_args", *optimizer_args] if optimizer_args else []))
-    name, arg_text, optimizer = train_util.get_optimizer(args, groups)
-    assert type(optimizer).NAME == spec_name and name.endswith("." + spec_name)
-    assert [g["lr"] for g in optimizer.param_groups] == [5e-5, 1e-4]
-
-
-def test_auto_hook_logs_stats_to_tensorboard_with_kohya_descriptions(kohya, tmp_path):
-    args = _args(kohya, "--optimizer_type", "sd_hina_plugin.HinaAdamWOptimizer", "--logging_dir", str(tmp_path),
-                 "--unet_lr", "1e-3", "--text_encoder_lr", "5e-4", "--loraplus_lr_ratio", "4",
-                 "--optimizer_args", "optim_bits=32")
-    trainer = kohya.NetworkTrainer().train(args)
-    expected = {"hina/lr/unet", "hina/lr/unet_plus", "hina/lr/textencoder", "hina/lr/textencoder_plus"}
-    assert expected <= set(trainer.logged[-1])
-    assert trainer.logged[-1]["hina/lr/unet_plus"] == pytest.approx(4e-3)
-    assert expected | {"loss/current", "lr/unet"} <= _event_tags(tmp_path)
-    inner = trainer.optimizer.optimizer
-    assert inner.lora.source == "kohya frame" and inner.diagnose_lora_pairing()["unpaired"] == []
-    assert "kohya loraplus" in inner.get_optimization_info()["lora"]["role_techniques"]["lora_plus"]
 
 
 def test_auto_hook_feeds_the_loss_and_works_in_a_subclassed_trainer(kohya, tmp_path):
@@ -132,19 +103,6 @@ def _launch(*argv, cwd):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKE.parent), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "sd_hina_plugin.kohya.launcher", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def test_launcher_short_names_and_explicit_hook(tmp_path):
-    result = _launch(str(FAKE / "sdxl_train_network.py"), "--optimizer_type", "HinaAdamW", "--logging_dir",
-                     str(tmp_path / "cli"), "--max_train_steps", "3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert {"hina/lr/unet", "hina/lr/textencoder"} <= _event_tags(tmp_path / "cli")
-    config = tmp_path / "run.toml"
-    config.write_text('[optimizer]\noptimizer_type = "AdamW_HinaAdaptive"\noptimizer_args = ["optim_bits=32"]\n'
-                      f'[logging]\nlogging_dir = "{(tmp_path / "toml").as_posix()}"\n')
-    result = _launch(str(FAKE / "train_network.py"), "--config_file", str(config), "--max_train_steps", "3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert {"hina/lr/unet", "hina/importance/mean"} <= _event_tags(tmp_path / "toml")
 
 
 def test_launcher_rewrites_only_our_names():

@@ -6,7 +6,8 @@ virtualenv's python: sd-scripts' pinned diffusers and transformers write it).
 writes ``OUT_DIR/model`` (a diffusers StableDiffusionPipeline folder: CLIP text encoder, VAE, U-Net, DDPM
 scheduler), ``OUT_DIR/tokenizers/openai_clip-vit-large-patch14`` (a CLIP tokenizer over a byte-level vocabulary,
 found by sd-scripts through ``--tokenizer_cache_dir OUT_DIR/tokenizers``) and ``OUT_DIR/train/1_tiny`` (a
-DreamBooth-style folder: eight 64x64 images with ``.txt`` captions, one repeat).
+DreamBooth-style folder: eight 64x64 images with ``.txt`` captions, one repeat) and ``OUT_DIR/train_same``
+(the same with eight copies of one picture, for the resume test).
 """
 
 from __future__ import annotations
@@ -86,19 +87,20 @@ def write_model(folder: Path, vocab_size: int, tokenizer_dir: Path) -> None:
     pipe.save_pretrained(str(folder))
 
 
-def write_images(folder: Path) -> None:
+def write_images(folder: Path, same: bool = False) -> None:
+    """Striped pictures with captions; ``same``: every picture and caption the first one's."""
     import numpy as np
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    colours = np.random.default_rng(0).uniform(0.2, 1.0, size=(IMAGES, 3))
     for i in range(IMAGES):
+        k = 0 if same else i
         y, x = np.mgrid[0:64, 0:64]
-        stripes = ((x + y * (i % 3)) // (4 + i) % 2).astype(np.float32)
-        colour = rng.uniform(0.2, 1.0, size=3)
-        image = (stripes[..., None] * colour * 255).astype(np.uint8)
+        stripes = ((x + y * (k % 3)) // (4 + k) % 2).astype(np.float32)
+        image = (stripes[..., None] * colours[k] * 255).astype(np.uint8)
         Image.fromarray(image).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"a tiny striped picture number {i}")
+        (folder / f"img{i}.txt").write_text(f"a tiny striped picture number {k}")
 
 
 def build(out: Path) -> Path:
@@ -108,6 +110,9 @@ def build(out: Path) -> Path:
     vocab_size = write_tokenizer(tokenizer_dir)
     write_model(out / "model", vocab_size, tokenizer_dir)
     write_images(out / "train" / "1_tiny")
+    # for the resume test: kohya reshuffles its buckets once per epoch skipped on --resume, so the data order
+    # after a resume differs from an uninterrupted run's; with identical pictures the order does not matter
+    write_images(out / "train_same" / "1_same", same=True)
     return out
 
 

@@ -162,3 +162,20 @@ def test_adaptation_strength_is_a_power_of_importance():
             torch.testing.assert_close(ratio, expected[b.first:b.first + b.count], rtol=1e-5, atol=1e-6)
             checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("cls", [Automagic_CameAMP, Automagic_Sinkgd, AdamW_HinaAdaptive])
+def test_absolute_bounds_below_the_lr_hold_from_the_first_step(cls):
+    """An upstream config whose max_lr is below the lr (max_lr=5e-4 at lr 1e-3): the mask starts at the bound,
+    so no step ever uses more than max_lr per element, the first included."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = cls([w], lr=1e-3, min_lr=5e-7, max_lr=5e-4, warmup_steps=20)
+    for step in range(1, 4):
+        before = w.detach().clone()
+        w.grad = torch.randn_like(w)
+        opt.step()
+        assert opt.lr_mask(w).max().item() <= 0.5 + 1e-6, step
+        assert opt.state[w]["lr_mask"].max().item() <= 5e-4 * (1 + 1e-6)
+        if step == 1 and not torch.equal(w, before):  # a first step that updates uses the bounded lr
+            assert opt.lr_mask(w).max().item() <= 0.5 + 1e-6
