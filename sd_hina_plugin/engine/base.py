@@ -556,6 +556,22 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         ctx.tensor_scale_(flat, ctx.keep)
 
     # -- checkpoints --------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy(optimizer)`` and ``pickle``: the parameters, the constructor's arguments, the names it
+        learnt and a state dict; :meth:`__setstate__` builds the optimizer again from them (its packs hold views
+        into flat buffers that cannot be copied attribute by attribute)."""
+        named = [] if self._lora.source in ("shape rules", "none") else \
+            [(self._lora.name_of[id(p)], p) for g in self.param_groups for p in g["params"] if id(p) in self._lora.name_of]
+        groups = [{"params": list(g["params"]), **({"param_names": list(g["param_names"])} if "param_names" in g else {})}
+                  for g in self.param_groups]
+        return {"groups": groups, "kwargs": self.config.as_dict(), "named": named, "saved": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        type(self).__init__(self, state["groups"], **state["kwargs"])
+        if state["named"]:
+            self.attach_names(state["named"])
+        self.load_state_dict(state["saved"])
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts: no derived keys, no back-reference

@@ -461,3 +461,23 @@ def test_empty_param_groups_accepted(variant):
     assert math.isfinite(loss_on(model, data)) and len(copy_opt.param_groups) == 4
     assert all(len(g["params"]) == 0 for g in copy_opt.param_groups[1::2])
     assert loss_on(model, data) != before
+
+
+def test_deepcopy_and_pickle_continue_identically(variant):
+    """copy.deepcopy(optimizer) (with its model) and a pickle round trip give optimizers that continue exactly
+    as the original does, as torch.optim's do."""
+    import pickle
+
+    name, kwargs, lr = variant
+    model, data = lora_problem(dtype=param_dtype(name), device=DEVICE)
+    opt = make(name, trainable(model), lr, **kwargs)
+    train(model, opt, data, 3)
+    twin = copy.deepcopy(model)
+    memo = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
+    twin_opt = copy.deepcopy(opt, memo)
+    restored = pickle.loads(pickle.dumps(opt))
+    assert type(restored) is type(opt) and restored.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    train(model, opt, data, 3)
+    train(twin, twin_opt, data, 3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
