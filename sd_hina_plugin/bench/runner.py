@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 
 from .. import registry
-from ..config import _parse_text
 from ..diagnostics import state_bytes
+from .ablation import parse_spec
 from .tasks import TASKS
 
 BASELINE = "torch.AdamW"
@@ -49,11 +49,8 @@ class Run:
     diverged: bool = False
 
 
-def parse_optimizer(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[:k=v,...]``; tuple values in parentheses, e.g. ``lr_mask_bounds=(0.1,3.0)``."""
-    from .ablation import parse_spec
-
-    return parse_spec(text)
+#: ``NAME[:k=v,...]`` -> (name, kwargs); tuple values in parentheses, e.g. ``lr_mask_bounds=(0.1,3.0)``
+parse_optimizer = parse_spec
 
 
 def available(text: str) -> tuple[bool, str]:

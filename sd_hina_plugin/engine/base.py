@@ -560,7 +560,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         """``copy.deepcopy(optimizer)`` and ``pickle``: the parameters, the constructor's arguments, the names it
         learnt and a state dict; :meth:`__setstate__` builds the optimizer again from them (its packs hold views
         into flat buffers that cannot be copied attribute by attribute)."""
-        named = [] if self._lora.source in ("shape rules", "none") else \
+        named = [] if self._lora.source == "shape rules" else \
             [(self._lora.name_of[id(p)], p) for g in self.param_groups for p in g["params"] if id(p) in self._lora.name_of]
         groups = [{"params": list(g["params"]), **({"param_names": list(g["param_names"])} if "param_names" in g else {})}
                   for g in self.param_groups]

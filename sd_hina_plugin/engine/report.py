@@ -39,24 +39,30 @@ class Reporting:
                 out.update({f"hina/lokr/{m.key}/w1_norm": a, f"hina/lokr/{m.key}/w2_norm": b, f"hina/lokr/{m.key}/kron_norm": k})
         return out
 
-    def lr_mask(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The per-element lr multiplier of parameter ``p`` (fp32, relative to its group's lr; the effective lr is
-        ``group["lr"] * lr_mask(p)``), or None if the optimizer has no lr mask or ``p`` no state yet."""
+    def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any] | None:
+        """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet."""
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
                 for tech in self.techniques(group):
                     if hasattr(tech, "mask_of") and self.state.get(p):
-                        return tech.mask_of(self, group, p)
+                        return group, tech
+                return None
         return None
+
+    def lr_mask(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The per-element lr multiplier of parameter ``p`` (fp32, relative to its group's lr; the effective lr is
+        ``group["lr"] * lr_mask(p)``), or None if the optimizer has no lr mask or ``p`` no state yet."""
+        found = self._mask_technique(p)
+        return found[1].mask_of(self, found[0], p) if found else None
 
     def lr_in_lr_units(self, p: torch.Tensor) -> torch.Tensor | None:
         """The per-element lr of ``p`` (``group["lr"] * lr_mask(p)``, a new fp32 tensor shaped like ``p``), or None
         without an lr mask. Also read as ``optimizer.state[p]['lr_mask']``, the upstream fork's key."""
-        mask = self.lr_mask(p)
-        if mask is None:
+        found = self._mask_technique(p)
+        if not found:
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return mask * float(group["lr"])
+        group, tech = found
+        return tech.mask_of(self, group, p) * float(group["lr"])
 
     def group_name(self, index: int) -> str:
         return str(self.param_groups[index].get("hina_desc") or f"group{index}")

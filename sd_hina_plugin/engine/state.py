@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-#: keys computed on read, from ``optimizer.lr_in_lr_units(p)``
+#: keys computed on read, from ``optimizer.lr_in_lr_units(p)`` (present where ``optimizer._mask_technique(p)`` finds a mask)
 DERIVED = ("lr_mask", "avg_lr")
 
 
@@ -39,8 +39,11 @@ class ParamState(dict):
             return None
         return lrs if key == "lr_mask" else lrs.mean()
 
-    def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or (key in DERIVED and self._derived(key) is not None)
+    def __contains__(self, key: object) -> bool:  # without computing the mask
+        if dict.__contains__(self, key):
+            return True
+        owner = self._owner() if key in DERIVED else None
+        return owner is not None and owner._mask_technique(self._param) is not None
 
     def __getitem__(self, key: Any) -> Any:
         if dict.__contains__(self, key):

@@ -341,8 +341,7 @@ class LrMask(Technique):
     def skipped(self, ctx) -> None:
         if ctx.step <= ctx.hp["warmup_steps"]:
             self.record(ctx)
-        lr0 = mask_unit(ctx.hp)
-        if ctx.step == 1 and lr0 > 0 and (delta := self.delta(ctx.hp, lr0)) != 0:
+        if ctx.step == 1 and (lr0 := mask_unit(ctx.hp)) > 0 and (delta := self.delta(ctx.hp, lr0)) != 0:
             self.clamp_start(ctx, self.read_steps(ctx, lr0), delta, lr0)
 
     def clamp_start(self, ctx, steps: torch.Tensor, delta: float, lr0: float) -> None:
