@@ -55,6 +55,17 @@ class StepContext:
         self._p32: torch.Tensor | None = None
         #: bf16 slots changed this step (techniques call ``touch``)
         self.dirty: set[str] = set()
+        #: the step's techniques run inside ``torch.compile`` (see ``engine/compiled.py``): no value-dependent
+        #: host branches, and the parameter write waits for :meth:`commit`
+        self.compiling = False
+        #: the parameter write prepared by :meth:`write_params`, done by :meth:`commit`
+        self.pending: tuple | None = None
+        #: per-step host scalars of the techniques (``Technique.scalars``), by technique name; computed before
+        #: the chain runs, so that a compiled step receives them as inputs (see ``engine/compiled.py``)
+        self.scalars: dict[str, dict[str, float]] = {}
+        #: compiled bf16/fp16 step: the pool buffer the new fp32 values are computed in (an input of the graph)
+        self.new_buffer: torch.Tensor | None = None
+        self._local: dict[tuple, torch.Tensor] = {}
 
     @property
     def u(self) -> torch.Tensor:
@@ -90,7 +101,19 @@ class StepContext:
     def scratch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A flat work buffer of this pack's size kept under ``name``: for values that outlive the technique
         that makes them (``m_in``, ``new_params``, ``params32``). Its contents are not kept between steps."""
+        if self.compiling:
+            return self.local(name, dtype)
         return self.opt._scratch(name, self.pack, dtype)
+
+    def local(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """In a compiled step, work buffers are made inside the graph (one per name and dtype per step), not taken
+        from the pool: a pool buffer is an input the graph would have to write back, a pass over memory that no
+        one reads, while a buffer made inside it is fused away."""
+        key = (name, dtype)
+        buf = self._local.get(key)
+        if buf is None:
+            buf = self._local[key] = torch.empty(self.pack.total, dtype=dtype, device=self.pack.device)
+        return buf
 
     def temp(self, index: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Transient work buffer ``index`` (0 or 1) of ``dtype``: valid only until the calling technique's
@@ -99,7 +122,7 @@ class StepContext:
         a 32 MB L3 holds, and each pass evicted what the next one read (sharing took ~10% off that step)."""
         if index not in (0, 1):
             raise ValueError(f"temp index must be 0 or 1, got {index}")
-        return self.opt._scratch(f"temp{index}", self.pack, dtype)
+        return self.scratch(f"temp{index}", dtype)
 
     # -- per-tensor arithmetic on flat buffers (ops grow with the number of shapes, not of tensors) ------
     def _per_tensor(self, reduce) -> torch.Tensor:
@@ -122,12 +145,16 @@ class StepContext:
 
     def tensor_scale_(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Multiply each tensor's elements of flat ``x`` by its entry of ``scale`` (n_params,), in place."""
+        if self.compiling:
+            return x.mul_(scale[self.pack.segment_ids()])
         for b in self.pack.buckets:
             b.rows(x).mul_(scale[b.first:b.first + b.count].unsqueeze(1))
         return x
 
     def tensor_axpy_(self, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``y += scale_i * x`` per tensor i (flat buffers, one pass), in place; returns ``y``."""
+        if self.compiling:
+            return y.addcmul_(x, scale[self.pack.segment_ids()])
         for b in self.pack.buckets:
             b.rows(y).addcmul_(b.rows(x), scale[b.first:b.first + b.count].unsqueeze(1))
         return y
@@ -143,9 +170,15 @@ class StepContext:
         (CAME's confidence does). One 4 MB buffer less in a CPU pack's working set."""
         return self.u_buffer
 
+    def gather_params32(self) -> None:
+        """Gather the parameters before a compiled chain (which takes flat buffers only) when it will read them."""
+        self.params32()
+
     def params32(self) -> torch.Tensor:
         """The pack's current parameter values as a flat fp32 buffer (gathered once per step, padding zero)."""
         if self._p32 is None:
+            if self.compiling:
+                raise RuntimeError("params32() in a compiled step: the technique must set reads_params")
             p32 = self.scratch("p32")
             torch._foreach_copy_(self.pack.views(p32), self.pack.params)
             if self.pack.pad_index is not None:
@@ -163,8 +196,8 @@ class StepContext:
         """``self.decay`` as applied: a float, or a per-tensor vector in which skipped tensors (non-finite
         gradient) keep 1.0."""
         decay = self.decay
-        if not isinstance(decay, torch.Tensor) and decay == 1.0:
-            return 1.0
+        if not self.compiling and not isinstance(decay, torch.Tensor) and decay == 1.0:
+            return 1.0  # (compiled: no branch on a value that follows the lr, which would be a graph per value)
         if self.keep is None:
             return decay
         keep = self.keep.double() if self.pack.dtype == torch.float64 else self.keep  # float64 weights: factors in float64
@@ -185,27 +218,58 @@ class StepContext:
         fp32 parameters are updated in place with foreach ops. bf16/fp16 parameters are computed in fp32 and
         written back by the group's ``low_precision_update`` rule: unbiased stochastic rounding, Kahan
         compensation (slot ``kahan_comp``) or plain round-to-nearest.
+
+        In a compiled step (``compiling``) only the flat arithmetic happens here; what touches the parameters
+        one by one (foreach ops, the rounding's random bits) is kept in ``pending`` and done by :meth:`commit`
+        after the compiled part returns, so that the compiled graph takes flat buffers only and its size does
+        not grow with the number of tensors. There the parameters were gathered before the graph and the new
+        values are computed in the gathered buffer (fp32) or in ``new_buffer`` (bf16/fp16): the write is then one
+        copy per parameter, where the eager fp32 write is a multiply and an add over every parameter.
         """
         pack = self.pack
-        params = pack.params
-        if not pack.low_precision:
+        if self.compiling and not pack.low_precision:
+            new = self.new_params
+            if new is None:
+                # (alpha as a factor: as add_'s keyword, a symbolic float is specialized, a graph per value)
+                new = self.decay_flat_(self.params32()).add_(direction * alpha)
+            self.pending = ("copy", new)
+        elif not pack.low_precision:
             if self.new_params is not None:
-                torch._foreach_copy_(params, pack.views(self.new_params))
-                return
-            decay = self.effective_decay()
+                self.pending = ("copy", self.new_params)
+            else:
+                self.pending = ("axpy", direction, self.effective_decay(), alpha)
+        else:
+            p32 = self.params32()
+            if self.new_params is None:
+                new = self.new_buffer if self.compiling else self.temp(0)
+                new.copy_(p32)
+                self.decay_flat_(new).add_(direction, alpha=alpha)
+            else:
+                new = self.new_params
+            self.pending = ("round", new, p32)
+        if not self.compiling:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write what :meth:`write_params` prepared into the parameters."""
+        if self.pending is None:
+            return
+        pack = self.pack
+        params = pack.params
+        kind, *args = self.pending
+        self.pending = None
+        if kind == "copy":
+            torch._foreach_copy_(params, pack.views(args[0]))
+            return
+        if kind == "axpy":
+            direction, decay, alpha = args
             if isinstance(decay, torch.Tensor):
                 torch._foreach_mul_(params, list(decay.unbind(0)))
             elif decay != 1.0:
                 torch._foreach_mul_(params, decay)
             torch._foreach_add_(params, pack.views(direction), alpha=alpha)
             return
-        p32 = self.params32()
-        if self.new_params is None:
-            new = self.temp(0)
-            new.copy_(p32)
-            self.decay_flat_(new).add_(direction, alpha=alpha)
-        else:
-            new = self.new_params
+        new, p32 = args
         rule = self.hp.get("low_precision_update", "stochastic")
         low = self.scratch("p_low", pack.dtype)
         if rule == "kahan":

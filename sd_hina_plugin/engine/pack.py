@@ -153,6 +153,14 @@ class Pack:
         return self.derive("numels", lambda: torch.cat([
             torch.full((b.count,), float(b.numel), device=self.device) for b in self.buckets]))
 
+    def segment_ids(self) -> torch.Tensor:
+        """The index of the parameter each element belongs to, ``(total,)`` int32 on the device (padding included;
+        built once per pack from the buckets, without an upload). A compiled step scales per tensor with a gather
+        from it: per-bucket in-place slices would become one nested mask per bucket in the generated loop."""
+        return self.derive("segment_ids", lambda: torch.cat([
+            torch.arange(b.first, b.first + b.count, device=self.device, dtype=torch.int32).repeat_interleave(b.seg)
+            for b in self.buckets]))
+
     @property
     def low_precision(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)

@@ -66,6 +66,8 @@ class Technique:
     writes_params: ClassVar[bool] = False
     #: whether the technique depends on LoRA/LoKr roles (then missing parameter names are reported)
     uses_roles: ClassVar[bool] = False
+    #: whether ``run`` reads the parameters (``ctx.params32()``): a compiled step gathers them before its graph
+    reads_params: ClassVar[bool] = False
     #: one-line description and paper, shown by ``sd-hina show`` and get_optimization_info()
     summary: ClassVar[str] = ""
 
@@ -104,6 +106,13 @@ class Technique:
 
     def pack_tag(self, opt: Any, hp: Any, p: Any) -> Any:
         """A value that must be equal for parameters sharing a pack (``None``: no constraint)."""
+        return None
+
+    def scalars(self, hp: Any, step: int) -> dict[str, float] | None:
+        """Host numbers ``run`` needs that follow the step count (bias corrections, warm-up ramps), computed before
+        the chain runs and read in ``run`` as ``ctx.scalars[self.name]``. A compiled step receives them as inputs;
+        computed inside it from the symbolic step, a ``pow`` or ``sqrt`` of the step would be evaluated again for
+        every element of the pack (the C++ compiler may not hoist libm calls out of the loop)."""
         return None
 
     def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract

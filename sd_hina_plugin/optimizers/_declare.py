@@ -8,13 +8,18 @@ from typing import Any, Iterable, Mapping
 from ..config import ConfigBase, Field, make_config
 from ..engine.technique import Technique
 
+COMPILE = Field(
+    "compile", "bool", False,
+    "Compile each pack's step with torch.compile (fused kernels; the first steps of each phase pay the compile time; "
+    "falls back to eager, with a log line, where no compiler works).")
+
 
 def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field] = (),
                defaults: Mapping[str, Any] | None = None) -> type[ConfigBase]:
     """Fields of every technique (switched on or not: a switch is an argument too), plus ``extra``,
     with this optimizer's own ``defaults``."""
     fields: dict[str, Field] = {}
-    for spec in [f for t in techniques for f in t.all_fields()] + list(extra):
+    for spec in [f for t in techniques for f in t.all_fields()] + list(extra) + [COMPILE]:
         fields.setdefault(spec.name, spec)
     for key, value in (defaults or {}).items():
         if key not in fields:

@@ -57,11 +57,14 @@ class AdamNormalize(Technique):
     fields = (EPS,)
     summary = "u = m_hat / (sqrt(v_hat) + eps) with bias correction"
 
+    def scalars(self, hp, step):
+        b1, b2 = hp["betas"]
+        return {"root_bc2": math.sqrt(1.0 - b2 ** step), "bc1": 1.0 - b1 ** step}
+
     def run(self, ctx) -> None:
-        b1, b2 = ctx.hp["betas"]
-        t = ctx.step
+        s = ctx.scalars[self.name]
         denom = ctx.temp()
         torch.sqrt(ctx.state("exp_avg_sq"), out=denom)
-        denom.div_(math.sqrt(1.0 - b2 ** t)).add_(ctx.hp["eps"])
+        denom.div_(s["root_bc2"]).add_(ctx.hp["eps"])
         torch.div(ctx.state("exp_avg"), denom, out=ctx.u)
-        ctx.step_scale /= 1.0 - b1 ** t
+        ctx.step_scale /= s["bc1"]

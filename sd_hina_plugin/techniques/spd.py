@@ -77,6 +77,8 @@ class SelectiveProjectionDecay(Technique):
         """``out = decay * theta - lr * step_scale * u`` in two passes at most (one without decay); ``out`` may
         be ``theta`` itself."""
         alpha = -ctx.lr * ctx.step_scale
+        if ctx.compiling:  # one fused loop whatever the form; alpha as a factor (a keyword would specialize it)
+            return ctx.decay_flat_(theta if out is theta else out.copy_(theta)).add_(u * alpha)
         decay, base = ctx.effective_decay(), ctx.decay
         if not isinstance(decay, torch.Tensor) and decay == 1.0:
             return torch.add(theta, u, alpha=alpha, out=out)
