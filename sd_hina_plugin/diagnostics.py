@@ -59,6 +59,18 @@ def count_step(optimizer: torch.optim.Optimizer) -> OpCounter:
     return counter
 
 
+def profiled_syncs(optimizer: torch.optim.Optimizer) -> int:
+    """Host syncs of one ``optimizer.step()`` counted by ``torch.profiler`` instead of a dispatch mode: a compiled
+    step (``compile=True``) runs eagerly under a ``TorchDispatchMode`` (dynamo compiles nothing there), so only
+    the profiler sees what the compiled step itself does. Counts the ops of :data:`SYNC_OPS`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        optimizer.step()
+    names = {op.replace("aten.", "aten::") for op in SYNC_OPS}
+    return sum(1 for event in prof.events() if event.name in names)
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by an optimizer's state tensors, each distinct storage counted once (any optimizer)."""
     seen: dict[tuple[str, int], int] = {}

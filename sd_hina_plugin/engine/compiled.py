@@ -2,31 +2,36 @@
 
 A pack's step has three parts (``HinaOptimizer._run``):
 
-1. eager: gather the gradients into the flat buffer ``g`` (one ``_foreach_copy_``), dequantize 8-bit state;
+1. eager: gather the gradients into the flat buffer ``g`` (one ``_foreach_copy_``), dequantize 8-bit state, and
+   (compiled only) gather the parameters into a flat fp32 buffer;
 2. :func:`run_chain`: the non-finite screen and every technique of the group, on flat buffers only;
-3. eager: the parameter write (``StepContext.commit``: foreach ops, or stochastic rounding with its generator)
-   and the 8-bit requantization.
+3. eager: the parameter write (``StepContext.commit``: one ``_foreach_copy_`` of the new values, or the
+   stochastic rounding with its generator for bf16) and the 8-bit requantization (bitsandbytes' kernels).
 
-With ``compile=True`` part 2 is compiled by ``torch.compile`` (inductor: C++/OpenMP on CPU, Triton on CUDA),
-so its 10 to 40 elementwise passes become a few fused loops. What keeps the graph count at one per phase:
+With ``compile=True`` part 2 is compiled by ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA), so its 10 to
+40 passes over the pack's buffers become one or a few fused loops. What keeps it to one graph per phase:
 
-* the graph takes the pack's flat buffers, never per-tensor lists (the write that needs them stays in part 3),
-  so its size and its guards do not grow with the number of tensors;
-* it is compiled with ``dynamic=True``: the lr, betas, step count and every other hyperparameter are symbolic
-  inputs (host scalars passed to the kernels, no upload), so a scheduler or a new step never recompiles; a
-  technique's phase test on the step (``step <= warmup_steps``, ``step == 1``) is a guard, and each phase
-  gets its own graph the first time it is reached;
-* every pack has its own cache (a copy of the function's code object), so dynamo's recompile limit (8 graphs
-  per code object) counts the phases of one pack, not packs times phases.
+* the graph takes the pack's flat buffers, never per-tensor lists (what needs them stays in parts 1 and 3), so
+  its size and its guards do not grow with the number of tensors; per-tensor factors are applied through a
+  gather from ``Pack.segment_ids``;
+* numbers that follow the step (bias corrections, ramps, the delayed decay) are computed on the host before the
+  chain (``Technique.scalars``) and enter, like the lr, as inputs: dynamo compiles the first graph with them as
+  constants and the second with them as inputs (its "automatic dynamic"), after which a scheduler or a new step
+  compiles nothing; a technique's phase test on the step (``step <= warmup_steps``) is a guard, and each phase
+  gets its own graph when it is first reached. Shapes stay static: every pack has its own cache (a copy of
+  the function's code object), so kernels are specialised to the pack's layout and dynamo's recompile limit
+  counts the phases of one pack, not packs times phases;
+* work buffers are made inside the graph and dropped from the context at its end, so they are fused away
+  instead of being written back to memory no one reads.
 
-A pack's first step always runs eagerly: it builds the pack's caches (index tensors, masks uploaded once)
-and is a phase of one step for several techniques (ADOPT's and CAME's initialisation), which a graph would
-cost seconds to compile for nothing.
+A pack's first step always runs eagerly: it builds the pack's caches (index tensors, masks uploaded once) and is
+a phase of one step for several techniques (ADOPT's and CAME's initialisation), which a graph would cost
+seconds to compile for nothing.
 
-Where no compiler works (no C++ toolchain on CPU, no Triton on CUDA, an op dynamo cannot capture), the step
-falls back to eager for that pack with one log line saying why: compiling happens before the graph runs
-(``fullgraph=True`` captures all of part 2 or nothing), so a failed compile has changed no state and the
-eager chain runs the same step instead.
+Where no compiler works (no C++ toolchain on CPU, no Triton on CUDA, an op dynamo cannot capture, the recompile
+limit reached), the pack's step falls back to eager with one log line saying why. ``fullgraph=True`` captures all
+of part 2 before anything runs, so a failed compile has changed no state and the eager chain runs the same
+step instead. Under a ``TorchDispatchMode`` (an op counter, FakeTensor) the step runs eagerly too.
 """
 
 from __future__ import annotations
@@ -102,12 +107,21 @@ def compile_errors() -> tuple[type[BaseException], ...]:
             OSError, ImportError)
 
 
+def _reason(error: BaseException) -> str:
+    """One line naming why compiling failed: the compiler's own error where dynamo wraps it."""
+    inner = getattr(error, "inner_exception", None) or error.__cause__ or error
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0] if lines else type(error).__name__}"
+
+
 class CompiledSteps:
     """Per-pack compiled chains of one optimizer."""
 
-    def __init__(self, mode: str | None = None) -> None:
+    def __init__(self, mode: str | None = None, backend: Any = "inductor") -> None:
         self.mode = mode
+        self.backend = backend
         self._fns: dict[int, Callable] = {}
+        self._codes: dict[int, Any] = {}
         self._failures: dict[int, int] = {}
         #: why packs run eagerly (pack id -> reason), for ``get_optimization_info`` and tests
         self.eager_reasons: dict[int, str] = {}
@@ -116,13 +130,21 @@ class CompiledSteps:
     def _fn(self, pack: "Pack") -> Callable:
         fn = self._fns.get(id(pack))
         if fn is None:
-            fn = self._fns[id(pack)] = torch.compile(_own_copy(_chain_compiled, f"pack{len(self._fns)}"),
-                                                     dynamic=None, fullgraph=True, mode=self.mode)
+            own = _own_copy(_chain_compiled, f"pack{len(self._fns)}")
+            fn = self._fns[id(pack)] = torch.compile(own, fullgraph=True, mode=self.mode, backend=self.backend)
+            self._codes[id(pack)] = own.__code__
         return fn
+
+    def graphs(self) -> dict[int, int]:
+        """Compiled graphs per pack (pack id -> count), from dynamo's cache of each pack's code object."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return {key: len(_debug_get_cache_entry_list(code)) for key, code in self._codes.items()}
 
     def forget(self) -> None:
         """Drop every pack's graphs (packs were planned again)."""
         self._fns.clear()
+        self._codes.clear()
         self._failures.clear()
         self.eager_reasons.clear()
 
@@ -136,7 +158,6 @@ class CompiledSteps:
             ctx.gather_params32()  # the new values are computed in the gathered buffer (see StepContext.write_params)
             if pack.low_precision:
                 ctx.new_buffer = opt._scratch("p_new", pack)
-            u_buffer = ctx.u_buffer
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     self._fn(pack)(opt, ctx, techniques, present)
@@ -145,10 +166,9 @@ class CompiledSteps:
             except compile_errors() as error:
                 ctx.compiling = False
                 ctx.pending = None
-                ctx.u_buffer = u_buffer
                 failures = self._failures[key] = self._failures.get(key, 0) + 1
                 if failures >= ATTEMPTS:
-                    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    reason = _reason(error)
                     self.eager_reasons[key] = reason
                     if reason not in self._logged:
                         self._logged.add(reason)
@@ -157,8 +177,9 @@ class CompiledSteps:
         run_chain(opt, ctx, techniques, present)
 
 
-def summary(steps: Any) -> dict[str, Any]:
-    """What ``get_optimization_info`` reports about compiling."""
+def summary(steps: "CompiledSteps | None") -> dict[str, Any]:
+    """What ``get_optimization_info()["compile"]`` reports: packs compiled, their graphs, and why any runs eagerly."""
     if steps is None:
-        return {"compiled": False}
-    return {"compiled": True, "packs_eager": len(steps.eager_reasons), "eager_reasons": sorted(set(steps.eager_reasons.values()))}
+        return {"packs": 0, "graphs": 0, "eager": []}
+    graphs = steps.graphs()
+    return {"packs": len(graphs), "graphs": sum(graphs.values()), "eager": sorted(set(steps.eager_reasons.values()))}

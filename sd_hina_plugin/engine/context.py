@@ -243,7 +243,10 @@ class StepContext:
             if self.new_params is None:
                 new = self.new_buffer if self.compiling else self.temp(0)
                 new.copy_(p32)
-                self.decay_flat_(new).add_(direction, alpha=alpha)
+                if self.compiling:
+                    self.decay_flat_(new).add_(direction * alpha)
+                else:
+                    self.decay_flat_(new).add_(direction, alpha=alpha)
             else:
                 new = self.new_params
             self.pending = ("round", new, p32)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .compiled import summary as compiled_summary
+
 
 class Reporting:
     """Mixed into :class:`~sd_hina_plugin.engine.base.HinaOptimizer`."""
@@ -125,6 +127,7 @@ class Reporting:
             "state_bytes_per_param": self.state_bytes() / numel if numel else math.nan,
             "scratch_bytes": self._pool.nbytes(),
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
+            "compile": compiled_summary(self._compiled),
             "lora": self._lora_info(diag),
             "notes": self.notes(),
             # the upstream fork's keys, for monitoring code written against it

@@ -23,15 +23,17 @@ class DelayedWeightDecay(Technique):
     fields = (LR, WEIGHT_DECAY, THRESHOLD)
     summary = "decoupled weight decay accumulated on the host and applied when it exceeds decay_threshold"
 
-    def run(self, ctx) -> None:
-        group = ctx.hp
-        if group.get("hina_wd_step") != group["step"]:  # accumulate once per group step, not per pack
-            group["hina_wd_step"] = group["step"]
-            group["hina_wd_acc"] = group.get("hina_wd_acc", 0.0) + ctx.lr * group["weight_decay"]
+    def scalars(self, group, step):
+        """The accumulation, on the host before the step's arithmetic: ``applied`` is the decay released at this
+        step, or None (a compiled step gets one graph for each of the two cases, not one per accumulated value)."""
+        if group.get("hina_wd_step") != step:  # accumulate once per group step, not per pack
+            group["hina_wd_step"] = step
+            group["hina_wd_acc"] = group.get("hina_wd_acc", 0.0) + group["lr"] * group["weight_decay"]
             group["hina_wd_release"] = group["hina_wd_acc"] > group["decay_threshold"]
             if group["hina_wd_release"]:
                 group["hina_wd_applied"], group["hina_wd_acc"] = group["hina_wd_acc"], 0.0
-        if not group.get("hina_wd_release"):
-            ctx.decay = 1.0
-            return
-        ctx.decay = decay_factors(ctx, group["hina_wd_applied"])
+        return {"applied": group["hina_wd_applied"] if group.get("hina_wd_release") else None}
+
+    def run(self, ctx) -> None:
+        applied = ctx.scalars[self.name]["applied"]
+        ctx.decay = 1.0 if applied is None else decay_factors(ctx, applied)
