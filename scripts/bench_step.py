@@ -19,6 +19,14 @@ rounds, so each row's difference to the first is what the switch costs in this p
 
     python scripts/bench_step.py --set lora --ablate HinaAdamWOptimizer:optim_bits=32
 
+``--compile`` adds, for every optimizer of this package, a row with ``compile=True`` (each pack's step compiled by
+torch.compile; see docs/engine.md). Its warm-up is at least 5 steps, so that the graphs of the timed phase exist;
+``warmup s`` is the time those first steps took (the compile time, with the first graphs' allocations). A compiled
+step runs eagerly under the op counter (a dispatch mode), so its rows show no op count; syncs and uploads are
+counted by torch.profiler instead:
+
+    python scripts/bench_step.py --set lora --compile --opt HinaAdamWCore --opt AdamW_HinaAdaptive
+
 ``--module-dropout P`` times steps in which each LoRA module (a down/up pair) has no gradient with probability P,
 as under kohya's ``module_dropout``:
 
@@ -43,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sd_hina_plugin  # noqa: E402
 from sd_hina_plugin.bench.ablation import ablations as switch_ablations, format_spec, parse_spec  # noqa: E402
-from sd_hina_plugin.diagnostics import count_step, state_bytes  # noqa: E402
+from sd_hina_plugin.diagnostics import count_step, profiled_counts, state_bytes  # noqa: E402
 
 SETS = {
     "lora": [(16, 768), (768, 16)] * 200,   # kohya order: each module's down then up
@@ -109,6 +117,23 @@ def drop_modules(entries: list[dict], p: float, rng: random.Random) -> None:
             param.grad = None if dropped[i // 2] else grad
 
 
+def _compiles(label: str) -> bool:
+    return label not in BASELINES and parse_opt(label)[1].get("compile") is True
+
+
+def with_compiled(opts: list[str]) -> list[str]:
+    """``opts`` and, after each optimizer of this package, the same with ``compile=True``."""
+    out = []
+    for text in opts:
+        out.append(text)
+        name, kwargs = parse_opt(text)
+        if text not in BASELINES and "compile" not in kwargs:
+            twin = format_opt(name, {**kwargs, "compile": True})
+            if twin not in opts:
+                out.append(twin)
+    return out
+
+
 def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, device, lr: float,
             module_dropout: float = 0.0) -> list[dict]:
     shapes = SETS[set_name]
@@ -121,14 +146,24 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
         entries.append({"label": text, "opt": opt, "times": [], "params": params, "grads": [p.grad for p in params]})
     numel = sum(torch.Size(s).numel() for s in shapes)
     rng = random.Random(0)
-    for _ in range(warmup):
+    compiling = any(_compiles(e["label"]) for e in entries)
+    for e in entries:
+        e["warmup_s"] = 0.0
+    for _ in range(max(warmup, 5) if compiling else warmup):
         drop_modules(entries, module_dropout, rng)
         for e in entries:
+            start = time.perf_counter()
             e["opt"].step()
+            sync(device)
+            e["warmup_s"] += time.perf_counter() - start
     drop_modules(entries, module_dropout, rng)
     for e in entries:  # counted after warm-up: state exists, caches are built
-        counter = count_step(e["opt"])
-        e["ops"], e["syncs"], e["uploads"] = counter.total, counter.syncs, counter.uploads
+        if _compiles(e["label"]):  # the op counter would see the eager step: the profiler counts the compiled one
+            counts = profiled_counts(e["opt"])
+            e["ops"], e["syncs"], e["uploads"] = None, counts["syncs"], counts["uploads"]
+        else:
+            counter = count_step(e["opt"])
+            e["ops"], e["syncs"], e["uploads"] = counter.total, counter.syncs, counter.uploads
     for rep in range(reps):
         order = entries[rep % len(entries):] + entries[:rep % len(entries)]
         drop_modules(entries, module_dropout, rng)
@@ -150,6 +185,7 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
             "set": set_name, "optimizer": e["label"], "median_ms": round(ms, 2),
             "x_adamw_foreach": round(statistics.median(ratios), 2), "x_quartiles": [round(q1, 2), round(q3, 2)],
             "ops_per_step": e["ops"], "syncs_per_step": e["syncs"], "uploads_per_step": e["uploads"],
+            "warmup_s": round(e["warmup_s"], 2),
             "state_bytes_per_param": round(state_bytes(e["opt"]) / numel, 3), "tensors": len(shapes), "params": numel,
         })
         e["opt"].zero_grad()
@@ -157,12 +193,15 @@ def run_set(set_name: str, opts: list[str], reps: int, warmup: int, dtype, devic
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| set | optimizer | median ms/step | x AdamW foreach | x quartiles | ops/step | syncs/step | uploads/step | state B/param |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| set | optimizer | median ms/step | x AdamW foreach | x quartiles | ops/step | syncs/step | uploads/step "
+            "| state B/param | warmup s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q1, q3 = r["x_quartiles"]
+        ops = "-" if r["ops_per_step"] is None else r["ops_per_step"]
         lines.append(f"| {r['set']} | {r['optimizer']} | {r['median_ms']:.2f} | {r['x_adamw_foreach']:.2f} | {q1:.2f}-{q3:.2f} | "
-                     f"{r['ops_per_step']} | {r['syncs_per_step']} | {r['uploads_per_step']} | {r['state_bytes_per_param']:.3f} |")
+                     f"{ops} | {r['syncs_per_step']} | {r['uploads_per_step']} | {r['state_bytes_per_param']:.3f} | "
+                     f"{r['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -179,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a compile=True row after each optimizer of this package (see above)")
     parser.add_argument("--module-dropout", type=float, default=0.0,
                         help="LoRA set: each module (down/up pair) has no gradient in a step with this probability, "
                              "as under kohya's module_dropout (the same modules for every optimizer of a round)")
@@ -191,6 +232,8 @@ def main(argv=None) -> int:
         opts += [o for o in ablations(text) if o not in opts]
     if not opts:
         opts = ["torch.AdamW.fused", "bnb.AdamW8bit"] + [s["name"] for s in sd_hina_plugin.list_optimizers()]
+    if args.compile:
+        opts = with_compiled(opts)
     rows = []
     for set_name in args.set or ["lora", "full"]:
         reps = args.reps or (30 if set_name == "lora" else 7)

@@ -59,16 +59,22 @@ def count_step(optimizer: torch.optim.Optimizer) -> OpCounter:
     return counter
 
 
-def profiled_syncs(optimizer: torch.optim.Optimizer) -> int:
-    """Host syncs of one ``optimizer.step()`` counted by ``torch.profiler`` instead of a dispatch mode: a compiled
-    step (``compile=True``) runs eagerly under a ``TorchDispatchMode`` (dynamo compiles nothing there), so only
-    the profiler sees what the compiled step itself does. Counts the ops of :data:`SYNC_OPS`."""
+def profiled_counts(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Host syncs and uploads of one ``optimizer.step()``, counted by ``torch.profiler`` instead of a dispatch mode:
+    a compiled step (``compile=True``) runs eagerly under a ``TorchDispatchMode`` (dynamo compiles nothing there),
+    so only the profiler sees what the compiled step itself does. Counts the ops of :data:`SYNC_OPS` and
+    :data:`UPLOAD_OPS`."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         optimizer.step()
-    names = {op.replace("aten.", "aten::") for op in SYNC_OPS}
-    return sum(1 for event in prof.events() if event.name in names)
+    names = [event.name.replace("aten::", "aten.") for event in prof.events()]
+    return {"syncs": sum(1 for n in names if n in SYNC_OPS), "uploads": sum(1 for n in names if n in UPLOAD_OPS)}
+
+
+def profiled_syncs(optimizer: torch.optim.Optimizer) -> int:
+    """Host syncs of one ``optimizer.step()`` (see :func:`profiled_counts`)."""
+    return profiled_counts(optimizer)["syncs"]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

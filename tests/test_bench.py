@@ -72,6 +72,23 @@ def test_step_cost_script_reports_per_round_ratios(tmp_path):
     assert core["syncs_per_step"] == 0 and core["uploads_per_step"] == 0 and core["state_bytes_per_param"] == 8.0
 
 
+def test_step_cost_script_compile_rows(tmp_path):
+    """--compile: a compile=True row after each of our optimizers (not after the baselines), timed after a warm-up
+    long enough for its graphs, with its syncs counted by the profiler (none) and no op count."""
+    bench_step = _bench_step_module()
+    assert bench_step.with_compiled(["torch.AdamW.fused", "HinaAdamWCore:optim_bits=32"]) == [
+        "torch.AdamW.fused", "HinaAdamWCore:optim_bits=32", "HinaAdamWCore:optim_bits=32,compile=True"]
+    out = tmp_path / "rows.json"
+    assert bench_step.main(["--set", "lora", "--opt", "HinaAdamWCore", "--compile", "--reps", "2", "--warmup", "1",
+                            "--json", str(out)]) == 0
+    rows = {row["optimizer"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"torch.AdamW", "HinaAdamWCore", "HinaAdamWCore:compile=True"}
+    compiled = rows["HinaAdamWCore:compile=True"]
+    # (uploads: the lr and the step's scalars, which dynamo wraps in 0-d CPU tensors as the graph's inputs)
+    assert compiled["ops_per_step"] is None and compiled["syncs_per_step"] == 0
+    assert compiled["warmup_s"] > 0 and rows["HinaAdamWCore"]["ops_per_step"] > 0
+
+
 def test_step_cost_script_drops_the_same_modules_for_every_optimizer(tmp_path):
     """--module-dropout: in a round, both factors of a dropped module have no gradient, in every optimizer's copy."""
     import random
