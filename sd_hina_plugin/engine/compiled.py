@@ -96,6 +96,7 @@ def _chain_compiled(opt: "HinaOptimizer", ctx: "StepContext", techniques: list["
     # likewise a symbolic float left on ctx (the lr times a bias correction) would be returned to Python, which
     # makes dynamo specialize it: a graph per value
     ctx.step_scale = ctx.decay = 1.0
+    ctx.wd_ratio = None
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:

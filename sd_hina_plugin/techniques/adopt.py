@@ -25,6 +25,9 @@ class AdoptScale(Technique):
     slots = (EXP_AVG_SQ,)
     summary = "ADOPT: normalize g by the previous second moment (first step initializes v only)"
 
+    def scalars(self, hp, step):
+        return {"clip": (step - 1) ** 0.25}  # the paper's k counts updates: k = 1 at the first update (our step 2)
+
     def run(self, ctx) -> None:
         v, g = ctx.state("exp_avg_sq"), ctx.g
         if ctx.step == 1:
@@ -34,8 +37,11 @@ class AdoptScale(Technique):
             return
         # g / max(sqrt(v), eps) as g * rsqrt(max(v, eps^2)): the same value, passes that stay in place
         x = torch.clamp_min(v, ctx.hp["eps"] ** 2, out=ctx.moment_input()).rsqrt_().mul_(g)
-        clip = (ctx.step - 1) ** 0.25  # the paper's k counts updates: k = 1 at the first update (our step 2)
-        x.clamp_(-clip, clip)
+        clip = ctx.scalars[self.name]["clip"]
+        if ctx.compiling:  # clamp's bounds would be specialized (a graph per step): scale into [-1, 1] and back
+            x.div_(clip).clamp_(-1.0, 1.0).mul_(clip)
+        else:
+            x.clamp_(-clip, clip)
         ctx.m_in = x
 
 

@@ -38,10 +38,12 @@ def decay_factors(ctx, amount: float) -> float | torch.Tensor:
     ``ratio``, per tensor: ``1 - amount * ratio`` for adapter factors, ``1 - amount`` for the rest. The per-tensor
     form is one ``where`` over a device mask made on the first step, with both values computed on the host:
     a vector built from host floats every step would be an upload that waits for the GPU."""
-    ratio = ctx.pack.derived.get("wd_ratio")
-    if ratio is None or not amount:
+    ratio = ctx.wd_ratio
+    if ratio is None or (not ctx.compiling and not amount):
         return 1.0 - amount
     mask = ctx.pack.derived["adapter_mask"]
+    if ctx.compiling:  # tensor arithmetic: a where over two symbolic floats would specialize them (a graph per value)
+        return 1.0 - mask.float() * (amount * (ratio - 1.0)) - amount
     if ctx.pack.dtype == torch.float64:  # formed in float64 (a where over two Python floats gives fp32)
         return torch.full(mask.shape, 1.0 - amount, dtype=torch.float64, device=mask.device).masked_fill_(mask, 1.0 - amount * ratio)
     return torch.where(mask, 1.0 - amount * ratio, 1.0 - amount)
@@ -90,11 +92,14 @@ class DynamicWeightDecay(Technique):
             return 1.0
         return max(hp["wd_min_ratio"], hp["wd_decay_factor"] ** ((step - T) / T))
 
+    def scalars(self, hp, step):
+        return {"ratio": self.multiplier(hp, step)}
+
     def run(self, ctx) -> None:
-        ratio = self.multiplier(ctx.hp, ctx.step)
+        ratio = ctx.scalars[self.name]["ratio"]
         pack = ctx.pack
         pack.derive("adapter_mask", lambda: upload([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params], pack.device))
-        pack.derived["wd_ratio"] = ratio if ratio != 1.0 else None
+        ctx.wd_ratio = ratio if ratio != 1.0 else None
 
     @staticmethod
     def steps_to_floor(hp) -> float:

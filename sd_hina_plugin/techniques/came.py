@@ -173,18 +173,22 @@ class CameMomentum(Technique):
         half = hp["warmup_steps"] / 2
         return max(0.0, 1.0 - step / half) if half > 0 else 0.0
 
+    def scalars(self, hp, step):
+        return {"fade": self.tam_fade(hp, step) if hp["use_tam"] else 0.0, "rate": 1.0 - self.beta(hp, step)}
+
     def run(self, ctx) -> None:
         from .tam import torque_weights
 
         m, x = ctx.state("exp_avg"), ctx.m_in
-        fade = self.tam_fade(ctx.hp, ctx.step) if ctx.hp["use_tam"] else 0.0
-        rate = 1.0 - self.beta(ctx.hp, ctx.step)
+        fade, rate = ctx.scalars[self.name]["fade"], ctx.scalars[self.name]["rate"]
         if fade > 0:  # m <- (1 - rate) m + rate d_t x, the per-tensor weight broadcast per shape
             d = torque_weights(ctx, m, x, ctx.hp["tam_beta"]).sub_(1.0).mul_(fade).add_(1.0)
             weight = d.mul_(rate).unsqueeze(1)
             m.mul_(1.0 - rate)
             for b in ctx.buckets:
                 b.rows(m).addcmul_(b.rows(x), weight[b.first:b.first + b.count])
+        elif ctx.compiling:  # lerp's weight would be specialized (a graph per step): the same blend as a multiply-add
+            m.add_((x - m) * rate)
         else:
             m.lerp_(x, rate)
         ctx.touch("exp_avg")
@@ -203,12 +207,16 @@ class CameConfidence(Technique):
             return (Slot("exp_avg_res.row", layout="rows"), Slot("exp_avg_res.col", layout="cols"))
         return (Slot("exp_avg_res", quantizable=True, signed=False),)
 
+    def scalars(self, hp, step):
+        correction = 1.0 / (1.0 - hp["betas"][2] ** (step - 1)) if step > 1 else 1.0  # residual updates so far: t - 1
+        return {"correction": correction, "root_correction": math.sqrt(correction)}
+
     def run(self, ctx) -> None:
         b3 = ctx.hp["betas"][2]
         eps2, eps3 = ctx.hp["eps"][1], ctx.hp["eps"][2]
         m, u = ctx.state("exp_avg"), ctx.u
         res = torch.sub(ctx.m_in, m, out=ctx.temp()).square_()
-        correction = 1.0 / (1.0 - b3 ** (ctx.step - 1))  # residual updates so far: t - 1
+        correction = ctx.scalars[self.name]["correction"]
         if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
             for b in ctx.buckets:
@@ -227,7 +235,7 @@ class CameConfidence(Technique):
             s = ctx.state("exp_avg_res")
             s.lerp_(res.add_(eps2), 1.0 - b3)
             ctx.touch("exp_avg_res")
-            torch.sqrt(readable(ctx, "exp_avg_res", s, 0.0), out=u).mul_(math.sqrt(correction)).add_(eps3)
+            torch.sqrt(readable(ctx, "exp_avg_res", s, 0.0), out=u).mul_(ctx.scalars[self.name]["root_correction"]).add_(eps3)
             torch.div(m, u, out=u)
 
 
@@ -237,8 +245,11 @@ class GramsBlend(Technique):
     fields = (BETA1_DECAY,)
     summary = "U <- a |U| sign(g) + (1 - a) U, a = beta1_decay^t"
 
+    def scalars(self, hp, step):
+        return {"a": hp["beta1_decay"] ** step}
+
     def run(self, ctx) -> None:
-        a = ctx.hp["beta1_decay"] ** ctx.step
+        a = ctx.scalars[self.name]["a"]
         if a < GRAMS_FLOOR:
             return
         # a |U| sign(g) + (1 - a) U = U (1 - a + a sign(U g))
