@@ -156,6 +156,8 @@ class CompiledSteps:
         # to see the ops, so the step runs eagerly for this call
         if key not in self.eager_reasons and _get_current_dispatch_mode() is None:
             pack.segment_ids()  # made here: made in the graph, it would be a change of state the next call recompiles for
+            for tech in techniques:
+                tech.before_graph(ctx)
             ctx.gather_params32()  # the new values are computed in the gathered buffer (see StepContext.write_params)
             if pack.low_precision:
                 ctx.new_buffer = opt._scratch("p_new", pack)

@@ -63,6 +63,8 @@ class StepContext:
         #: per-step host scalars of the techniques (``Technique.scalars``), by technique name; computed before
         #: the chain runs, so that a compiled step receives them as inputs (see ``engine/compiled.py``)
         self.scalars: dict[str, dict[str, float]] = {}
+        #: flat tensors techniques prepared eagerly for a compiled chain (``Technique.before_graph``), by name
+        self.inputs: dict[str, torch.Tensor] = {}
         #: adapter factors' weight-decay ratio this step (DynamicWeightDecay), None when it is 1
         self.wd_ratio: float | None = None
         #: compiled bf16/fp16 step: the pool buffer the new fp32 values are computed in (an input of the graph)

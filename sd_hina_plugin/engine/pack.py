@@ -161,6 +161,20 @@ class Pack:
             torch.arange(b.first, b.first + b.count, device=self.device, dtype=torch.int32).repeat_interleave(b.seg)
             for b in self.buckets]))
 
+    def row_ids(self) -> torch.Tensor:
+        """The index, in "rows" buffers, of the row each element belongs to (each tensor viewed as a matrix
+        ``(shape[0], prod(rest))``), ``(total,)`` int32 on the device; padding takes its tensor's last row. Built
+        once per pack, like :meth:`segment_ids`, for per-row factors in a compiled step."""
+        def make() -> torch.Tensor:
+            parts = []
+            for b in self.buckets:
+                local = torch.arange(b.seg, device=self.device).clamp_max(max(b.numel - 1, 0)) // max(b.n_cols, 1)
+                starts = torch.arange(b.count, device=self.device) * b.n_rows + b.row_start
+                parts.append((starts[:, None] + local[None, :]).reshape(-1))
+            return torch.cat(parts).to(torch.int32)
+
+        return self.derive("row_ids", make)
+
     @property
     def low_precision(self) -> bool:
         return self.dtype in (torch.bfloat16, torch.float16)

@@ -115,6 +115,10 @@ class Technique:
         every element of the pack (the C++ compiler may not hoist libm calls out of the loop)."""
         return None
 
+    def before_graph(self, ctx: "StepContext") -> None:
+        """Called eagerly before a compiled chain runs (``compile=True``), for inputs the graph should receive as
+        one flat tensor rather than build from per-tensor lists (kept in ``ctx.inputs[self.name]``)."""
+
     def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -180,7 +180,8 @@ class AdaptiveImportance(Technique):
         m_norm, g_norm = ctx.tensor_norm(m), ctx.tensor_norm(g)
         norms = m_norm * g_norm
         consistency = torch.where(norms > 0, ctx.tensor_dot(m, g) / norms.clamp_min(1e-30), torch.zeros_like(norms))
-        weights = torch.stack(torch._foreach_norm(ctx.pack.params)).float()
+        # compiled: from the gathered flat weights (a list of the parameters would be one graph input per tensor)
+        weights = ctx.tensor_norm(ctx.params32()) if ctx.compiling else torch.stack(torch._foreach_norm(ctx.pack.params)).float()
         change = ctx.tensor_norm(ctx.u) * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
         snr = m_norm / ctx.tensor_sum(v).clamp_min(0).sqrt().clamp_min(1e-30)
         for key, value in zip(STATS, (consistency.add_(1).mul_(0.5), change, snr)):

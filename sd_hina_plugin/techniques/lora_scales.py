@@ -106,7 +106,28 @@ class AloraRowScale(Technique):
                         scales[id(p)] = norm
         opt.step_cache[self.name] = scales
 
+    def before_graph(self, ctx) -> None:
+        """Compiled: the pack's scales as one vector, a value per row (B: its rows' scales; A and LoKr/LoHa factors:
+        their one value on every row; others 1), applied in the graph through ``Pack.row_ids``."""
+        scales = ctx.opt.step_cache.get(self.name)
+        pack = ctx.pack
+        if not scales or not any(id(p) in scales for p in pack.params):
+            return
+        pack.row_ids()
+        ones = pack.derive("alora.ones", lambda: torch.ones(max(p.shape[0] if p.dim() else 1 for p in pack.params), device=pack.device))
+        parts = []
+        for p in pack.params:
+            rows = p.shape[0] if p.dim() else 1
+            s = scales.get(id(p))
+            parts.append(ones[:rows] if s is None else s.reshape(-1).expand(rows) if s.numel() == 1 else s.reshape(-1))
+        ctx.inputs[self.name] = torch.cat(parts)
+
     def run(self, ctx) -> None:
+        if ctx.compiling:
+            rows = ctx.inputs.get(self.name)
+            if rows is not None:
+                ctx.u.mul_(rows[ctx.pack.row_ids()])
+            return
         scales = ctx.opt.step_cache.get(self.name)
         if not scales:
             return
