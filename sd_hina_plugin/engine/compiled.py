@@ -104,8 +104,9 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     of the step itself (out of memory, a wrong dtype), which propagate."""
     from torch._dynamo import exc
 
-    return (exc.TorchDynamoException, exc.BackendCompilerFailed, exc.FailOnRecompileLimitHit, NotImplementedError,
-            OSError, ImportError)
+    # (a missing C++ compiler or Triton surfaces as BackendCompilerFailed; errors raised while the compiled graph
+    # runs are not caught: the graph may have changed state by then, and running the step again would be wrong)
+    return (exc.TorchDynamoException, exc.FailOnRecompileLimitHit)
 
 
 def _reason(error: BaseException) -> str:
