@@ -36,6 +36,7 @@ step instead. Under a ``TorchDispatchMode`` (an op counter, FakeTensor) the step
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import types
 from typing import TYPE_CHECKING, Any, Callable
@@ -81,6 +82,15 @@ def _own_copy(fn: Callable, tag: str) -> Callable:
     """``fn`` with a code object of its own: dynamo keeps compiled graphs (and counts recompiles) per code object."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _layout_tag(opt: "HinaOptimizer", pack: "Pack") -> str:
+    """A name for a pack's code object that is the same for the same optimizer and pack layout, in any process,
+    and differs otherwise. Dynamo keeps what it learnt about a function (which inputs vary: the "automatic
+    dynamic" state, also saved on disk for later runs) by file, line and name: with one name for the packs of
+    different layouts, a pack would start with the sizes of another marked dynamic, which compiles slow kernels."""
+    layout = (opt.NAME, str(pack.dtype), pack.quantized, pack.tags, tuple((b.shape, b.count, b.seg) for b in pack.buckets))
+    return f"{opt.NAME}_{hashlib.sha1(repr(layout).encode()).hexdigest()[:16]}"
 
 
 def _chain_compiled(opt: "HinaOptimizer", ctx: "StepContext", techniques: list["Technique"],
@@ -129,10 +139,10 @@ class CompiledSteps:
         self.eager_reasons: dict[int, str] = {}
         self._logged: set[str] = set()
 
-    def _fn(self, pack: "Pack") -> Callable:
+    def _fn(self, pack: "Pack", opt: "HinaOptimizer") -> Callable:
         fn = self._fns.get(id(pack))
         if fn is None:
-            own = _own_copy(_chain_compiled, f"pack{len(self._fns)}")
+            own = _own_copy(_chain_compiled, _layout_tag(opt, pack))
             fn = self._fns[id(pack)] = torch.compile(own, fullgraph=True, mode=self.mode, backend=self.backend)
             self._codes[id(pack)] = own.__code__
         return fn
@@ -164,7 +174,7 @@ class CompiledSteps:
                 ctx.new_buffer = opt._scratch("p_new", pack)
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    self._fn(pack)(opt, ctx, techniques, present)
+                    self._fn(pack, opt)(opt, ctx, techniques, present)
                 ctx.compiling = False
                 return
             except compile_errors() as error:
