@@ -10,8 +10,9 @@ from ..engine.technique import Technique
 
 COMPILE = Field(
     "compile", "bool", False,
-    "Compile each pack's step with torch.compile (fused kernels; the first steps of each phase pay the compile time; "
-    "falls back to eager, with a log line, where no compiler works).")
+    "Compile each pack's step with torch.compile (the first steps of each phase pay the compile time; falls back to "
+    "eager, with a log line, where no compiler works). Measured on CPU: no faster for HinaAdamWCore, slower for the "
+    "others (docs/benchmarks.md); not measured on GPU.")
 
 
 def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field] = (),
