@@ -169,7 +169,7 @@ class CompiledSteps:
             pack.segment_ids()  # made here: made in the graph, it would be a change of state the next call recompiles for
             for tech in techniques:
                 tech.before_graph(ctx)
-            ctx.gather_params32()  # the new values are computed in the gathered buffer (see StepContext.write_params)
+            ctx.params32()  # gathered here, outside the graph; the new values are computed in the gathered buffer (see StepContext.write_params)
             if pack.low_precision:
                 ctx.new_buffer = opt._scratch("p_new", pack)
             try:

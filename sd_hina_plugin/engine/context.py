@@ -174,15 +174,12 @@ class StepContext:
         (CAME's confidence does). One 4 MB buffer less in a CPU pack's working set."""
         return self.u_buffer
 
-    def gather_params32(self) -> None:
-        """Gather the parameters before a compiled chain (which takes flat buffers only) when it will read them."""
-        self.params32()
-
     def params32(self) -> torch.Tensor:
         """The pack's current parameter values as a flat fp32 buffer (gathered once per step, padding zero)."""
         if self._p32 is None:
             if self.compiling:
-                raise RuntimeError("params32() in a compiled step: the technique must set reads_params")
+                # a compiled step's graph takes flat buffers only: CompiledSteps.run gathers them before it
+                raise RuntimeError("params32() in a compiled step after release_params32(): nothing to gather from")
             p32 = self.scratch("p32")
             torch._foreach_copy_(self.pack.views(p32), self.pack.params)
             if self.pack.pad_index is not None:

@@ -66,8 +66,6 @@ class Technique:
     writes_params: ClassVar[bool] = False
     #: whether the technique depends on LoRA/LoKr roles (then missing parameter names are reported)
     uses_roles: ClassVar[bool] = False
-    #: whether ``run`` reads the parameters (``ctx.params32()``): a compiled step gathers them before its graph
-    reads_params: ClassVar[bool] = False
     #: one-line description and paper, shown by ``sd-hina show`` and get_optimization_info()
     summary: ClassVar[str] = ""
 
