@@ -12,17 +12,21 @@ With ``compile=True`` part 2 is compiled by ``torch.compile`` (inductor: C++ on 
 40 passes over the pack's buffers become one or a few fused loops. What keeps it to one graph per phase:
 
 * the graph takes the pack's flat buffers, never per-tensor lists (what needs them stays in parts 1 and 3), so
-  its size and its guards do not grow with the number of tensors; per-tensor factors are applied through a
-  gather from ``Pack.segment_ids``;
+  its size and its guards do not grow with the number of tensors; per-tensor, per-row and per-column factors
+  are broadcast to the elements by ``Pack.spread`` / ``spread_rows`` / ``spread_cols`` (views, or a gather
+  where the pack's layout allows no view), never written into slices of a flat buffer bucket by bucket (each
+  such write becomes a mask over the whole buffer in the generated loop);
 * numbers that follow the step (bias corrections, ramps, the delayed decay) are computed on the host before the
-  chain (``Technique.scalars``) and enter, like the lr, as inputs: dynamo compiles the first graph with them as
-  constants and the second with them as inputs (its "automatic dynamic"), after which a scheduler or a new step
-  compiles nothing; a technique's phase test on the step (``step <= warmup_steps``) is a guard, and each phase
-  gets its own graph when it is first reached. Shapes stay static: every pack has its own cache (a copy of
-  the function's code object), so kernels are specialised to the pack's layout and dynamo's recompile limit
-  counts the phases of one pack, not packs times phases;
+  chain (``Technique.scalars``) and enter, like the lr, as 0-d fp32 CPU tensors (:func:`_as_inputs`), and the
+  step count as a symbolic int (``STEP_SOURCE``): inputs from the first compile on, so a scheduler or a new
+  step compiles nothing. A technique's phase test is a host bool or a comparison of the step
+  (``step <= warmup_steps``), which dynamo guards: each phase gets its own graph when it is first reached.
+  Shapes stay static: every pack has its own cache (a copy of the function's code object), so kernels are
+  specialised to the pack's layout and dynamo's recompile limit counts the phases of one pack, not packs times
+  phases;
 * work buffers are made inside the graph and dropped from the context at its end, so they are fused away
-  instead of being written back to memory no one reads.
+  instead of being written back to memory no one reads; int16 state (which inductor's CPU code does not
+  vectorize) enters as an int32 copy (``HinaOptimizer._run``).
 
 A pack's first step always runs eagerly: it builds the pack's caches (index tensors, masks uploaded once) and is
 a phase of one step for several techniques (ADOPT's and CAME's initialisation), which a graph would cost
@@ -97,7 +101,10 @@ def _chain_compiled(opt: "HinaOptimizer", ctx: "StepContext", techniques: list["
                     present: torch.Tensor | None) -> None:
     ctx.compiling = True
     ctx._local = {}  # made inside the graph: its buffers need not outlive it (a dict from outside would be replayed)
+    # the update direction too: the pool's buffer is an input, which the graph would write back (a pass nobody reads)
+    pool_u, ctx.u_buffer = ctx.u_buffer, ctx.local("u")
     run_chain(opt, ctx, techniques, present)
+    ctx.u_buffer = pool_u
     # a tensor still referenced from ctx when the graph ends becomes a graph output, which must be materialized
     # in memory of its own: drop the references to work buffers no one reads after the chain (what the write
     # needs is in ctx.pending, bf16 state to round back in ctx._states)
@@ -107,6 +114,26 @@ def _chain_compiled(opt: "HinaOptimizer", ctx: "StepContext", techniques: list["
     # makes dynamo specialize it: a graph per value
     ctx.step_scale = ctx.decay = 1.0
     ctx.wd_ratio = None
+
+
+#: dynamo's name for the step count the chain reads: an int that changes every step, compiled as a symbolic input
+#: from the first graph on (without it, dynamo would compile a graph for the first value and then a general one)
+STEP_SOURCE = "L['ctx'].step"
+
+
+def _as_inputs(ctx: "StepContext") -> None:
+    """The numbers that change from step to step, as 0-d fp32 CPU tensors: the lr and the techniques' step scalars
+    (``Technique.scalars``; bools, phase flags, stay host values: each phase is a graph of its own). Dynamo makes
+    tensors inputs of the graph from the first compile on, where a Python float is first compiled as a constant
+    and only after it changed as an input: a graph compiled for nothing, half of a pack's compile time. On CUDA
+    they stay on the host too (no copy to the device). fp32, not float64: dynamo turns a 0-d float64 CPU tensor
+    into a symbolic float and guards it with an ``item()`` call per step; the step's arithmetic is fp32 anyway."""
+    dtype = torch.float64 if ctx.pack.dtype == torch.float64 else torch.float32  # (float64 weights: float64 factors)
+    ctx.lr = torch.tensor(float(ctx.lr), dtype=dtype)
+    for values in ctx.scalars.values():
+        for key, value in values.items():
+            if isinstance(value, float):
+                values[key] = torch.tensor(value, dtype=dtype)
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
@@ -166,14 +193,19 @@ class CompiledSteps:
         # under a TorchDispatchMode (an op counter, FakeTensor tracing) dynamo compiles nothing: such a caller wants
         # to see the ops, so the step runs eagerly for this call
         if key not in self.eager_reasons and _get_current_dispatch_mode() is None:
-            pack.segment_ids()  # made here: made in the graph, it would be a change of state the next call recompiles for
+            pack.index_tensors({kind for tech in techniques for kind in tech.spreads})
             for tech in techniques:
                 tech.before_graph(ctx)
             ctx.params32()  # gathered here, outside the graph; the new values are computed in the gathered buffer (see StepContext.write_params)
             if pack.low_precision:
                 ctx.new_buffer = opt._scratch("p_new", pack)
+            _as_inputs(ctx)
             try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                # (our gathers index with tensors built from the pack's layout, always in range: inductor's per-element
+                # bounds check made them 1.2x slower on CPU)
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                        torch.compiler.config.patch(dynamic_sources=STEP_SOURCE), \
+                        torch._inductor.config.patch(assert_indirect_indexing=False):
                     self._fn(pack, opt)(opt, ctx, techniques, present)
                 ctx.compiling = False
                 return

@@ -98,8 +98,15 @@ class StepContext:
             value = self._states[name] = value()
         return value
 
+    @property
+    def count_dtype(self) -> torch.dtype:
+        """The integer dtype for lattice counts (the lr masks' ``j``): int16 as stored, int32 in a compiled step
+        (inductor's CPU vectorizer has no int16; int16 slots enter the graph widened, see ``HinaOptimizer._run``)."""
+        return torch.int32 if self.compiling else torch.int16
+
     def touch(self, name: str) -> None:
-        """Mark a bf16 slot as changed this step: it is written back (stochastically rounded) after the step."""
+        """Mark a bf16 slot as changed this step: it is written back (stochastically rounded) after the step; also an
+        int16 slot in a compiled step (written back from its int32 copy)."""
         self.dirty.add(name)
 
     def scratch(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,7 +157,7 @@ class StepContext:
     def tensor_scale_(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Multiply each tensor's elements of flat ``x`` by its entry of ``scale`` (n_params,), in place."""
         if self.compiling:
-            return x.mul_(scale[self.pack.segment_ids()])
+            return x.mul_(self.pack.spread(scale))
         for b in self.pack.buckets:
             b.rows(x).mul_(scale[b.first:b.first + b.count].unsqueeze(1))
         return x
@@ -158,7 +165,7 @@ class StepContext:
     def tensor_axpy_(self, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``y += scale_i * x`` per tensor i (flat buffers, one pass), in place; returns ``y``."""
         if self.compiling:
-            return y.addcmul_(x, scale[self.pack.segment_ids()])
+            return y.addcmul_(x, self.pack.spread(scale))
         for b in self.pack.buckets:
             b.rows(y).addcmul_(b.rows(x), scale[b.first:b.first + b.count].unsqueeze(1))
         return y
@@ -207,8 +214,10 @@ class StepContext:
     def decay_flat_(self, x: torch.Tensor, decay: float | torch.Tensor | None = None) -> torch.Tensor:
         """Apply the decay (float or per tensor; ``effective_decay()`` unless given) to flat ``x`` in place."""
         decay = self.effective_decay() if decay is None else decay
-        if isinstance(decay, torch.Tensor):
+        if isinstance(decay, torch.Tensor) and decay.dim():
             return self.tensor_scale_(x, decay)
+        if isinstance(decay, torch.Tensor):  # one factor for the pack, as a 0-d tensor in a compiled step
+            return x.mul_(decay)
         return x.mul_(decay) if decay != 1.0 else x
 
     # -- the one place parameters are written -----------------------------------------------------------

@@ -68,6 +68,9 @@ class Technique:
     uses_roles: ClassVar[bool] = False
     #: one-line description and paper, shown by ``sd-hina show`` and get_optimization_info()
     summary: ClassVar[str] = ""
+    #: per-row / per-column factors the technique broadcasts in a compiled step (``Pack.spread_rows`` /
+    #: ``Pack.spread_cols``): ``"rows"``, ``"cols"``; their index tensors are built before the graph
+    spreads: ClassVar[tuple[str, ...]] = ()
 
     #: an optional bool field that switches the technique on (or off, with ``switch_on=False``)
     switch: Field | None = None
@@ -106,11 +109,13 @@ class Technique:
         """A value that must be equal for parameters sharing a pack (``None``: no constraint)."""
         return None
 
-    def scalars(self, hp: Any, step: int) -> dict[str, float] | None:
+    def scalars(self, hp: Any, step: int) -> dict[str, float | bool | None] | None:
         """Host numbers ``run`` needs that follow the step count (bias corrections, warm-up ramps), computed before
-        the chain runs and read in ``run`` as ``ctx.scalars[self.name]``. A compiled step receives them as inputs;
-        computed inside it from the symbolic step, a ``pow`` or ``sqrt`` of the step would be evaluated again for
-        every element of the pack (the C++ compiler may not hoist libm calls out of the loop)."""
+        the chain runs and read in ``run`` as ``ctx.scalars[self.name]``. A compiled step receives the floats as 0-d
+        tensors (inputs of the graph), so ``run`` must not branch on them: a phase test goes in as a bool beside them
+        (``{"ratio": r, "relaxed": step > T}``), which stays a host value. Computed inside the graph from the
+        symbolic step, a ``pow`` or ``sqrt`` of the step would be evaluated again for every element of the pack
+        (the C++ compiler may not hoist libm calls out of the loop)."""
         return None
 
     def before_graph(self, ctx: "StepContext") -> None:

@@ -319,13 +319,17 @@ class LrMask(Technique):
             if isinstance(up, int):
                 steps.add_(agree, alpha=up + down).sub_(down)
             else:  # per-tensor bumps (int16 vectors)
-                change = ctx.temp(0, torch.int16).copy_(agree)
+                change = ctx.temp(0, ctx.count_dtype).copy_(agree)
                 both = up + down
-                for b in ctx.pack.buckets:  # j += (up + down) * agree - down: 2x faster than building the change first
-                    part = slice(b.first, b.first + b.count)
-                    b.rows(steps).addcmul_(b.rows(change), both[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
+                if ctx.compiling:  # the per-tensor bumps broadcast by Pack.spread (no writes into slices)
+                    steps.add_(change.mul_(ctx.pack.spread(both)).sub_(ctx.pack.spread(down)))
+                else:
+                    for b in ctx.pack.buckets:  # j += (up + down) * agree - down: 2x faster than building the change first
+                        part = slice(b.first, b.first + b.count)
+                        b.rows(steps).addcmul_(b.rows(change), both[part].unsqueeze(1)).sub_(down[part].unsqueeze(1))
             steps.clamp_(*self.bounds(ctx, delta, lr0))
             self.write_steps(ctx, steps, lr0)
+            ctx.touch("lr_mask.steps")
         elif ctx.step == 1:  # absolute bounds that exclude the built-with lr: the mask starts at the nearest bound
             self.clamp_start(ctx, steps, delta, lr0)
         count = ctx.temp().copy_(steps)
@@ -350,6 +354,7 @@ class LrMask(Technique):
         ``max_lr`` the built-with lr may lie outside them (``max_lr=5e-4`` at lr 1e-3 starts the mask at 0.5)."""
         steps.clamp_(*self.bounds(ctx, delta, lr0))
         self.write_steps(ctx, steps, lr0)
+        ctx.touch("lr_mask.steps")
 
     def bumps(self, ctx, units: int) -> tuple[Any, Any]:
         """Upward and downward steps in lattice steps (ints, or per-tensor int16 vectors in subclasses)."""

@@ -93,13 +93,14 @@ class DynamicWeightDecay(Technique):
         return max(hp["wd_min_ratio"], hp["wd_decay_factor"] ** ((step - T) / T))
 
     def scalars(self, hp, step):
-        return {"ratio": self.multiplier(hp, step)}
+        # (the phase as a bool: a compiled step receives the ratio as a tensor, which it cannot branch on)
+        return {"ratio": self.multiplier(hp, step), "relaxed": step > hp["wd_transition_steps"]}
 
     def run(self, ctx) -> None:
-        ratio = ctx.scalars[self.name]["ratio"]
+        values = ctx.scalars[self.name]
         pack = ctx.pack
         pack.derive("adapter_mask", lambda: upload([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params], pack.device))
-        ctx.wd_ratio = ratio if ratio != 1.0 else None
+        ctx.wd_ratio = values["ratio"] if values["relaxed"] else None
 
     @staticmethod
     def steps_to_floor(hp) -> float:

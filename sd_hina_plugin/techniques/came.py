@@ -91,9 +91,33 @@ def factored_root(r: torch.Tensor, c: torch.Tensor, scale: float = 1.0, inverse:
     return rows.sqrt_().unsqueeze(-1), c.sqrt().unsqueeze(1)
 
 
+def factored_means(pack, sq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column means of flat ``sq`` plus ``eps``, as a "rows" and a "cols" buffer of the pack (compiled
+    step: reductions that only read the flat buffer, bucket by bucket)."""
+    rows, cols = [], []
+    for b in pack.buckets:
+        matrix = b.matrix(sq)
+        rows.append(matrix.mean(dim=-1).reshape(-1))
+        cols.append(col_mean(matrix).reshape(-1))
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]).add_(eps), (torch.cat(cols) if len(cols) > 1 else cols[0]).add_(eps)
+
+
+def factored_roots(pack, r: torch.Tensor, c: torch.Tensor, scale: float = 1.0,
+                   inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`factored_root` of every bucket, as a "rows" and a "cols" buffer (for ``Pack.spread_rows`` /
+    ``Pack.spread_cols`` in a compiled step)."""
+    rows, cols = [], []
+    for b in pack.buckets:
+        fr, fc = factored_root(b.row_stats(r), b.col_stats(c), scale, inverse)
+        rows.append(fr.reshape(-1))
+        cols.append(fc.reshape(-1))
+    return torch.cat(rows) if len(rows) > 1 else rows[0], torch.cat(cols) if len(cols) > 1 else cols[0]
+
+
 class CameSecondMoment(Technique):
     """Stage ``moments``: the normalised gradient ``u`` into ``ctx.m_in`` (or the raw gradient with came=False)."""
 
+    spreads = ("rows", "cols")
     name = "came"
     stage = "moments"
     fields = (BETAS, EPS, CLIP, CAME, WARMUP)
@@ -120,7 +144,14 @@ class CameSecondMoment(Technique):
         g = ctx.g
         g2 = torch.mul(g, g, out=ctx.temp())
         x = ctx.moment_input()
-        if is_matrix(ctx.pack):
+        if is_matrix(ctx.pack) and ctx.compiling and not first:
+            rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
+            fr, fc = factored_roots(ctx.pack, rows, cols)
+            torch.mul(g, ctx.pack.spread_rows(fr), out=x).mul_(ctx.pack.spread_cols(fc))
+            new_r, new_c = factored_means(ctx.pack, g2, eps1)
+            rows.lerp_(new_r, 1.0 - b2)
+            cols.lerp_(new_c, 1.0 - b2)
+        elif is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
             for b in ctx.buckets:
                 sq = b.matrix(g2)
@@ -174,19 +205,18 @@ class CameMomentum(Technique):
         return max(0.0, 1.0 - step / half) if half > 0 else 0.0
 
     def scalars(self, hp, step):
-        return {"fade": self.tam_fade(hp, step) if hp["use_tam"] else 0.0, "rate": 1.0 - self.beta(hp, step)}
+        fade = self.tam_fade(hp, step) if hp["use_tam"] else 0.0
+        return {"fade": fade, "tam": fade > 0, "rate": 1.0 - self.beta(hp, step)}  # (phases as bools: see DynamicWeightDecay)
 
     def run(self, ctx) -> None:
         from .tam import torque_weights
 
         m, x = ctx.state("exp_avg"), ctx.m_in
-        fade, rate = ctx.scalars[self.name]["fade"], ctx.scalars[self.name]["rate"]
-        if fade > 0:  # m <- (1 - rate) m + rate d_t x, the per-tensor weight broadcast per shape
+        values = ctx.scalars[self.name]
+        fade, rate = values["fade"], values["rate"]
+        if values["tam"]:  # m <- (1 - rate) m + rate d_t x, the per-tensor weight broadcast per shape
             d = torque_weights(ctx, m, x, ctx.hp["tam_beta"]).sub_(1.0).mul_(fade).add_(1.0)
-            weight = d.mul_(rate).unsqueeze(1)
-            m.mul_(1.0 - rate)
-            for b in ctx.buckets:
-                b.rows(m).addcmul_(b.rows(x), weight[b.first:b.first + b.count])
+            ctx.tensor_axpy_(m.mul_(1.0 - rate), x, d.mul_(rate))
         elif ctx.compiling:  # lerp's weight would be specialized (a graph per step): the same blend as a multiply-add
             m.add_((x - m) * rate)
         else:
@@ -197,6 +227,7 @@ class CameMomentum(Technique):
 class CameConfidence(Technique):
     """Stage ``direction``: ``U = m / (sqrt(S_hat) + e3)`` from the (factored) EMA of the residual ``(u - m)^2``."""
 
+    spreads = ("rows", "cols")
     name = "came_confidence"
     stage = "direction"
     fields = (BETAS, EPS)
@@ -217,7 +248,15 @@ class CameConfidence(Technique):
         m, u = ctx.state("exp_avg"), ctx.u
         res = torch.sub(ctx.m_in, m, out=ctx.temp()).square_()
         correction = ctx.scalars[self.name]["correction"]
-        if is_matrix(ctx.pack):
+        if is_matrix(ctx.pack) and ctx.compiling:
+            rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
+            new_r, new_c = factored_means(ctx.pack, res, eps2)
+            rows.lerp_(new_r, 1.0 - b3)
+            cols.lerp_(new_c, 1.0 - b3)
+            root_r, root_c = factored_roots(ctx.pack, rows, cols, correction, inverse=False)
+            # padding: m is 0 there, so u is too
+            torch.div(m, ctx.pack.spread_rows(root_r).mul_(ctx.pack.spread_cols(root_c)).add_(eps3), out=u)
+        elif is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
             for b in ctx.buckets:
                 sq = b.matrix(res)
@@ -246,11 +285,12 @@ class GramsBlend(Technique):
     summary = "U <- a |U| sign(g) + (1 - a) U, a = beta1_decay^t"
 
     def scalars(self, hp, step):
-        return {"a": hp["beta1_decay"] ** step}
+        a = hp["beta1_decay"] ** step
+        return {"a": a, "on": a >= GRAMS_FLOOR}  # (the phase as a bool: see DynamicWeightDecay)
 
     def run(self, ctx) -> None:
         a = ctx.scalars[self.name]["a"]
-        if a < GRAMS_FLOOR:
+        if not ctx.scalars[self.name]["on"]:
             return
         # a |U| sign(g) + (1 - a) U = U (1 - a + a sign(U g))
         agree = torch.mul(ctx.u, ctx.g, out=ctx.temp()).sign_()
@@ -271,6 +311,14 @@ class ElementAdaDecay(Technique):
         eps3 = ctx.hp["eps"][2]
         a = torch.abs(ctx.g, out=ctx.temp())
         theta = ctx.params32()
+        if ctx.compiling:  # the same per tensor, broadcast by Pack.spread: no in-place writes into slices
+            n = ctx.numels()
+            mean = ctx.tensor_sum(a) / n
+            var = (ctx.tensor_norm(a).square_() / n - mean.square()).clamp_min_(0.0)
+            scale = 4.0 / (var.sqrt_() + eps3)
+            z = a.mul_(ctx.pack.spread(scale)).sub_(ctx.pack.spread(mean * scale)).sigmoid_()
+            ctx.u.add_(z * theta * (2.0 * wd))
+            return
         for b in ctx.buckets:
             rows = b.rows(a)
             n = rows.shape[1]
@@ -334,14 +382,14 @@ class LatticeLrMask(LrMask):
         return lo, hi
 
     @classmethod
-    def decode(cls, code: torch.Tensor, hp) -> torch.Tensor:
-        """The lattice index ``j`` (int16) of a uint8 code of an 8-bit pack."""
+    def decode(cls, code: torch.Tensor, hp, dtype: torch.dtype = torch.int16) -> torch.Tensor:
+        """The lattice index ``j`` (int16, or ``dtype``) of a uint8 code of an 8-bit pack."""
         lo = cls.window(hp, mask_unit(hp))[0]
-        return torch.remainder(code.to(torch.int16).sub_(lo), 256).add_(lo)
+        return torch.remainder(code.to(dtype).sub_(lo), 256).add_(lo)
 
     # -- storage of j in 8-bit packs ---------------------------------------------------------------------------
     def read_steps(self, ctx, lr0: float) -> torch.Tensor:
-        return self.decode(ctx.state("lr_mask.code"), ctx.hp) if ctx.pack.quantized else super().read_steps(ctx, lr0)
+        return self.decode(ctx.state("lr_mask.code"), ctx.hp, ctx.count_dtype) if ctx.pack.quantized else super().read_steps(ctx, lr0)
 
     def write_steps(self, ctx, steps: torch.Tensor, lr0: float) -> None:
         if ctx.pack.quantized:
@@ -357,6 +405,8 @@ class LatticeLrMask(LrMask):
     # -- polarity (g > 0) ----------------------------------------------------------------------------------------
     @staticmethod
     def _positive(ctx) -> torch.Tensor:
+        if ctx.compiling:  # 0.0/1.0: inductor 2.13's vectorized C++ cannot compare masks made from different dtypes
+            return (ctx.g > 0).to(torch.float32)
         # g > 0 as bool(max(g, 0)): exact (+0 and -0 are False), and on CPU 3x faster than torch.gt, whose
         # fp32-to-bool comparison is not vectorised (0.45 ms per million elements against 0.15)
         relu = torch.clamp_min(ctx.g, 0.0, out=ctx.temp())
@@ -387,7 +437,13 @@ class LatticeLrMask(LrMask):
     def agreement(self, ctx) -> torch.Tensor:
         pos = self._positive(ctx)
         stored = ctx.state("lr_mask.polarity")
-        previous = self._unpack_bits(ctx, stored) if ctx.pack.quantized else stored.view(torch.bool)  # int8 0/1
-        agree = torch.eq(pos, previous, out=ctx.temp(1, torch.bool))
+        if ctx.pack.quantized:
+            previous = self._unpack_bits(ctx, stored)
+        else:  # int8 0/1
+            previous = stored if ctx.compiling else stored.view(torch.bool)
+        if ctx.compiling:  # as 0.0/1.0 (see _positive)
+            agree = torch.eq(pos, previous.to(pos.dtype))
+        else:
+            agree = torch.eq(pos, previous, out=ctx.temp(1, torch.bool))
         self.record(ctx, pos)
         return agree

@@ -68,6 +68,7 @@ class LoraPlusRatio(Technique):
 
 class AloraRowScale(Technique):
     uses_roles = True
+    spreads = ("rows",)
     name = "alora_rows"
     stage = "scale"
     summary = "ALoRA-style scale 1/(1+||row of BA||) from B and A's Gram matrix; LoKr/LoHa by the product norm"
@@ -108,12 +109,11 @@ class AloraRowScale(Technique):
 
     def before_graph(self, ctx) -> None:
         """Compiled: the pack's scales as one vector, a value per row (B: its rows' scales; A and LoKr/LoHa factors:
-        their one value on every row; others 1), applied in the graph through ``Pack.row_ids``."""
+        their one value on every row; others 1), applied in the graph through ``Pack.spread_rows``."""
         scales = ctx.opt.step_cache.get(self.name)
         pack = ctx.pack
         if not scales or not any(id(p) in scales for p in pack.params):
             return
-        pack.row_ids()
         ones = pack.derive("alora.ones", lambda: torch.ones(max(p.shape[0] if p.dim() else 1 for p in pack.params), device=pack.device))
         parts = []
         for p in pack.params:
@@ -126,7 +126,7 @@ class AloraRowScale(Technique):
         if ctx.compiling:
             rows = ctx.inputs.get(self.name)
             if rows is not None:
-                ctx.u.mul_(rows[ctx.pack.row_ids()])
+                ctx.u.mul_(ctx.pack.spread_rows(rows))
             return
         scales = ctx.opt.step_cache.get(self.name)
         if not scales:
@@ -138,6 +138,7 @@ class AloraRowScale(Technique):
 
 
 class AllLoraRowScale(Technique):
+    spreads = ("rows",)
     name = "allora_rows"
     stage = "scale"
     summary = "ALLoRA: rows scaled by 1/sqrt(||row||^2 + 1/eta^2) from the current weights (conv kernels as matrices)"
@@ -150,6 +151,11 @@ class AllLoraRowScale(Technique):
     def run(self, ctx) -> None:
         inv_eta2 = 1.0 / ctx.hp[self.eta.name] ** 2
         weights = ctx.params32()  # gathered once per step, shared with other techniques
+        if ctx.compiling:  # row norms bucket by bucket (reads), applied in one multiply through Pack.spread_rows
+            norms = [torch.linalg.vector_norm(b.matrix(weights), dim=-1).reshape(-1) for b in ctx.buckets]
+            norms = torch.cat(norms) if len(norms) > 1 else norms[0]
+            ctx.u.mul_(ctx.pack.spread_rows(norms.square_().add_(inv_eta2).rsqrt_()))
+            return
         for bucket in ctx.buckets:
             norms = torch.linalg.vector_norm(bucket.matrix(weights), dim=-1, keepdim=True)
             bucket.matrix(ctx.u).mul_(norms.square_().add_(inv_eta2).rsqrt_())

@@ -72,6 +72,7 @@ class SinkgdFirstStep(Technique):
 
 
 class SinkgdDirection(Technique):
+    spreads = ("rows", "cols")
     name = "sinkgd"
     stage = "direction"
     fields = (MOMENTUM, ITERS, FULL)
@@ -86,6 +87,9 @@ class SinkgdDirection(Technique):
             m.lerp_(g, 1.0 - b1)
             torch.lerp(g, m, b1, out=u)
             ctx.touch("exp_avg")
+            if ctx.compiling:
+                self.normalize_flat(ctx.pack, u, iterations)
+                return
             for bucket in ctx.buckets:
                 self.normalize_bucket(bucket, u, x2, iterations)
             return
@@ -109,16 +113,40 @@ class SinkgdDirection(Technique):
             rows_u = bucket.rows(u)
             rows_u.mul_(math.sqrt(bucket.numel) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + EPS))
 
+    @classmethod
+    def normalize_flat(cls, pack, u: torch.Tensor, iterations: int) -> None:
+        """The passes of every bucket of flat ``u``, for a compiled step: the scales are found bucket by bucket from
+        reads of ``u``, then applied in one multiply through ``Pack.spread_rows`` / ``Pack.spread_cols`` (writes into
+        slices of a flat buffer would become one nested mask per bucket in the generated loop)."""
+        rows, cols = [], []
+        for bucket in pack.buckets:
+            x = bucket.matrix(u)
+            if len(bucket.shape) >= 2:
+                r, c = cls.scales(x * x, iterations)
+            else:  # (k, n, 1) as matrices: the tensor's one scale on each of its rows
+                norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+                r, c = (math.sqrt(bucket.numel) / (norm + EPS)).expand(x.shape), torch.ones_like(x[:, :1, :])
+            rows.append(r.reshape(-1))
+            cols.append(c.reshape(-1))
+        rows = torch.cat(rows) if len(rows) > 1 else rows[0]
+        cols = torch.cat(cols) if len(cols) > 1 else cols[0]
+        u.mul_(pack.spread_rows(rows).mul_(pack.spread_cols(cols)))
+
     @staticmethod
-    def normalize(x: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
-        """In place on the batch ``x`` (k, m, n); ``x2`` is scratch of the same shape."""
-        k, rows, cols = x.shape
-        torch.mul(x, x, out=x2)
-        c = torch.ones(k, 1, cols, device=x.device)
+    def scales(x2: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row and column scales ``(k, m, 1)``, ``(k, 1, n)`` of the passes over ``x2 = X^2`` (k, m, n)."""
+        k, rows, cols = x2.shape
+        c = torch.ones(k, 1, cols, device=x2.device)
         for _ in range(iterations):
             # (k, 1, n) vectors passed transposed: bmm's fast path here (a contiguous (k, n, 1) is ~8x slower on CPU)
             r = math.sqrt(cols) / (torch.bmm(x2, (c * c).transpose(1, 2)).sqrt_() + EPS)     # (k, m, 1)
             c = math.sqrt(rows) / (torch.bmm((r * r).transpose(1, 2), x2).sqrt_() + EPS)     # (k, 1, n)
+        return r, c
+
+    @classmethod
+    def normalize(cls, x: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
+        """In place on the batch ``x`` (k, m, n); ``x2`` is scratch of the same shape."""
+        r, c = cls.scales(torch.mul(x, x, out=x2), iterations)
         x.mul_(r).mul_(c)
 
 
@@ -159,8 +187,8 @@ class ProdigyLrMask(LrMask):
             theta = ctx.temp().copy_(ctx.state("sinkgd.anchor")).neg_().add_(theta)
         c = -ctx.tensor_dot(ctx.g, theta)
         scaled = round(ctx.hp["d_coef"] * units)
-        up = torch.where(c > 0, scaled, units).to(torch.int16)
-        down = torch.where(c < 0, scaled, units).to(torch.int16)
+        up = torch.where(c > 0, scaled, units).to(ctx.count_dtype)
+        down = torch.where(c < 0, scaled, units).to(ctx.count_dtype)
         return up, down
 
 

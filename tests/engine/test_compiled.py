@@ -6,7 +6,9 @@ What is checked, against the eager step (the reference):
   ``TOL`` (fp32 state: float reassociation in fused loops, amplified by sign-based techniques such as Cautious;
   8-bit state: an element near a code boundary may take the neighbouring code; bf16 parameters use round-to-nearest
   here, since stochastic rounding turns any last-bit difference into a different random decision);
-* no graph compiled once every phase has been reached: 100 further steps with the lr changing every step;
+* no graph compiled once every phase has been reached: 100 further steps with the lr changing every step, and
+  for HinaAdamWCore one graph per pack from the start (the lr and the step's numbers are inputs from the first
+  compile on);
 * a state dict saved by a compiled run loads into an eager one bit for bit and back, and both continue alike;
 * zero host syncs in a compiled step (counted by the profiler: a dispatch mode makes the step eager);
 * where compiling fails, the step runs eagerly, once, with one log line saying why.
@@ -95,6 +97,12 @@ def _state(opt) -> list[torch.Tensor]:
     return [v for p in opt.state for k, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
+def _counts(opt) -> list[torch.Tensor]:
+    """Integer state: the lr masks' counts and signs (a compiled step works on int32 copies of the int16 counts)."""
+    return [v for p in opt.state for k, v in sorted(opt.state[p].items())
+            if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() and not k.endswith(".q")]
+
+
 def check_matches_eager(name: str, mode: str, steps: int = 50, more: int = 100) -> None:
     eager, pe = _build(name, mode, compile=False)
     comp, pc = _build(name, mode, compile=True)
@@ -104,6 +112,8 @@ def check_matches_eager(name: str, mode: str, steps: int = 50, more: int = 100) 
     assert comp.get_optimization_info()["compile"]["eager"] == []
     gap = max(_gap(pe, pc), _gap(_state(eager), _state(comp)) if mode != "8bit" else 0.0)
     assert gap <= TOL[mode], f"{name} ({mode}): compiled differs from eager by {gap:.2e} of the largest value"
+    for a, b in zip(_counts(eager), _counts(comp)):  # the same dtype, and the same counts but where a sign flipped
+        assert a.dtype == b.dtype and (a == b).float().mean() >= 0.999, (name, a.dtype, b.dtype)
     graphs = comp._compiled.graphs()
     _run(comp, pc, sc, steps, steps + more)
     assert comp._compiled.graphs() == graphs, "a graph was compiled after every phase had been reached"
@@ -136,6 +146,18 @@ def check_resume_across(name: str, mode: str, steps: int = 20, more: int = 10) -
 # -- the default run: HinaAdamWCore -------------------------------------------------------------------------------
 def test_core_matches_eager_and_compiles_once_per_phase():
     check_matches_eager("HinaAdamWCore", "fp32")
+
+
+def test_core_compiles_one_graph_per_pack_and_phase():
+    """HinaAdamWCore has one phase after its (eager) first step: one graph per pack, compiled at the second step,
+    whatever the lr and the bias corrections do. The lr and the step's numbers enter as tensors and the step as a
+    symbolic int from the first compile on; as Python numbers dynamo would first compile a graph with them as
+    constants, then another with them as inputs."""
+    opt, params = _build("HinaAdamWCore", "fp32", compile=True)
+    _run(opt, params, _warmup(opt), 0, 2)
+    assert set(opt._compiled.graphs().values()) == {1}
+    _run(opt, params, _warmup(opt), 2, 15)
+    assert set(opt._compiled.graphs().values()) == {1}
 
 
 def test_core_resume_between_compiled_and_eager():

@@ -98,3 +98,47 @@ def test_numels_are_built_without_an_upload():
     with OpCounter() as counter:
         numels = pack.numels()
     assert counter.uploads == 0 and numels.tolist() == [12.0, 12.0, 5.0, 1.0]
+
+
+def _spread_reference(pack: Pack, values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Element by element: the value of the element's tensor, row or column (padding: the tensor's last one)."""
+    out = torch.empty(pack.total)
+    for i, (p, start) in enumerate(zip(pack.params, pack.offsets)):
+        b = next(b for b in pack.buckets if b.first <= i < b.first + b.count)
+        for k in range(b.seg):
+            row, col = divmod(min(k, p.numel() - 1), b.n_cols)
+            if kind == "tensor":
+                out[start + k] = values[i]
+            elif kind == "rows":
+                out[start + k] = values[pack.row_offsets[i] + row]
+            else:
+                out[start + k] = values[pack.col_offsets[i] + col]
+    return out
+
+
+def test_spread_broadcasts_per_tensor_row_and_column_values_in_every_form():
+    """Pack.spread / spread_rows / spread_cols (the compiled step's per-tensor, per-row and per-column factors) give
+    every element the value of its tensor, row and column, padding included, in every form: one broadcast
+    (segments of one size; one bucket for rows and columns), a broadcast per bucket (a few sizes) and a gather
+    (many sizes; several buckets for rows and columns)."""
+    gather = [(n, 3) for n in range(1, Pack.CAT_BUCKETS + 3)] + [(7,), ()]
+    cases = [  # (shapes, 8-bit state: segments padded to 256-element blocks, the per-tensor form expected)
+        ([(4, 6), (6, 4), (4, 6), (24,), (2, 3, 2, 2)], False, "uniform"),
+        ([(4, 6), (4, 6), (4, 6)], False, "uniform"),
+        ([(4, 6), (3,), (4, 6), (2, 3, 3, 3), (5, 1)], False, "cat"),
+        (gather, False, "gather"),
+        ([(4, 6), (3,), (2, 3, 3, 3)], True, "uniform"),
+        ([(20, 20), (20, 20)], True, "uniform"),
+        ([(20, 20), (4, 6), (30, 30), (20, 20)], True, "cat"),
+        ([(100 * n, 3) for n in range(1, Pack.CAT_BUCKETS + 3)], True, "gather"),
+    ]
+    for shapes, quantized, mode in cases:
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        (pack,) = plan_packs(0, params, lambda p: quantized)
+        assert pack.spread_mode() == mode, (shapes, quantized)
+        pack.index_tensors({"rows", "cols"})
+        per_tensor = torch.randn(len(pack.params))
+        rows, cols = torch.randn(pack.total_rows), torch.randn(pack.total_cols)
+        assert torch.equal(pack.spread(per_tensor), _spread_reference(pack, per_tensor, "tensor"))
+        assert torch.equal(pack.spread_rows(rows), _spread_reference(pack, rows, "rows"))
+        assert torch.equal(pack.spread_cols(cols), _spread_reference(pack, cols, "cols"))
