@@ -63,13 +63,31 @@ def profiled_counts(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Host syncs and uploads of one ``optimizer.step()``, counted by ``torch.profiler`` instead of a dispatch mode:
     a compiled step (``compile=True``) runs eagerly under a ``TorchDispatchMode`` (dynamo compiles nothing there),
     so only the profiler sees what the compiled step itself does. Counts the ops of :data:`SYNC_OPS` and
-    :data:`UPLOAD_OPS`."""
+    :data:`UPLOAD_OPS`.
+
+    On CUDA the profiler cannot tell a device value read by the host (a sync) from a host value read by the host:
+    a compiled step takes the lr and the step's numbers as 0-d CPU tensors, which inductor's wrapper may read with
+    ``item()``. There, syncs are counted by CUDA's own sync debug mode (one warning per synchronizing call)."""
+    import warnings
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        optimizer.step()
+    cuda = any(p.device.type == "cuda" for g in optimizer.param_groups for p in g["params"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                optimizer.step()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(previous)
     names = [event.name.replace("aten::", "aten.") for event in prof.events()]
-    return {"syncs": sum(1 for n in names if n in SYNC_OPS), "uploads": sum(1 for n in names if n in UPLOAD_OPS)}
+    syncs = (sum(1 for w in caught if "synchroniz" in str(w.message)) if cuda
+             else sum(1 for n in names if n in SYNC_OPS))
+    return {"syncs": syncs, "uploads": sum(1 for n in names if n in UPLOAD_OPS)}
 
 
 def profiled_syncs(optimizer: torch.optim.Optimizer) -> int:

@@ -131,7 +131,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         #: per-step results of techniques' ``prepare`` (transient, rebuilt every step)
         self.step_cache: dict[str, Any] = {}
         #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
-        self.mask_means: dict[int, tuple[int, torch.Tensor, int]] = {}
+        self.mask_means: dict[int, tuple[int, torch.Tensor, int] | None] = {}
         super().__init__(params, self.config.as_dict())
         self.state = StateTable(self)  # torch's defaultdict(dict), plus the upstream's read-only lr_mask / avg_lr
         self._check_setup()
@@ -543,6 +543,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             self._compiled.run(self, pack, ctx, techniques, present)
         else:
             run_chain(self, ctx, techniques, present)
+        self._count_nonfinite(ctx)
         ctx.commit()
         for slot in quantized:
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
@@ -571,9 +572,15 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         else:
             torch.nan_to_num_(ctx.g, nan=0.0, posinf=0.0, neginf=0.0)  # NaN * 0 would stay NaN
         self._mask_skipped(ctx, ctx.g)
-        skipped = (~finite).sum()
+        ctx.nonfinite = (~finite).sum()  # counted into the stats after the chain (_count_nonfinite)
+
+    def _count_nonfinite(self, ctx: StepContext) -> None:
+        """Add the pack's skipped tensors to ``hina/nonfinite_skipped``, outside a compiled graph (a key added to the
+        stats inside one is a guard that fails once other stats appear: a graph per pack compiled again)."""
+        if ctx.nonfinite is None:
+            return
         previous = self._stats.get("hina/nonfinite_skipped")
-        self._stats["hina/nonfinite_skipped"] = skipped if previous is None else previous + skipped
+        self._stats["hina/nonfinite_skipped"] = ctx.nonfinite if previous is None else previous + ctx.nonfinite
 
     @staticmethod
     def _mask_skipped(ctx: StepContext, flat: torch.Tensor) -> None:

@@ -197,6 +197,7 @@ class CompiledSteps:
             for tech in techniques:
                 tech.before_graph(ctx)
             ctx.params32()  # gathered here, outside the graph; the new values are computed in the gathered buffer (see StepContext.write_params)
+            ctx.read_states()  # bf16 state read into fp32 here: the pool's buffers for it made in the graph would be a change of state
             if pack.low_precision:
                 ctx.new_buffer = opt._scratch("p_new", pack)
             _as_inputs(ctx)

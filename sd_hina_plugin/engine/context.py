@@ -52,6 +52,8 @@ class StepContext:
         self.done = False
         #: 1.0 for tensors whose gradient is finite, 0.0 for those skipped this step (set by the engine)
         self.keep: torch.Tensor | None = None
+        #: how many tensors were skipped this step (a 0-d device tensor, set by the engine's screen)
+        self.nonfinite: torch.Tensor | None = None
         self._p32: torch.Tensor | None = None
         #: bf16 slots changed this step (techniques call ``touch``)
         self.dirty: set[str] = set()
@@ -97,6 +99,11 @@ class StepContext:
         if callable(value):  # a bf16 slot, read into fp32 on first use (see HinaOptimizer._run)
             value = self._states[name] = value()
         return value
+
+    def read_states(self) -> None:
+        """Read every bf16 slot into fp32 now (they are otherwise read on first use)."""
+        for name in list(self._states):
+            self.state(name)
 
     @property
     def count_dtype(self) -> torch.dtype:

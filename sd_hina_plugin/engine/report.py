@@ -86,7 +86,10 @@ class Reporting:
         """Per group with an lr mask: its lr times the mask's mean over the group's elements (from the per-pack
         means the mask keeps on the device). Reads device values."""
         weighted: dict[int, list[float]] = {}
-        for gi, mean, count in self.mask_means.values():
+        for entry in self.mask_means.values():
+            if entry is None:  # a pack whose mask has not run yet
+                continue
+            gi, mean, count = entry
             acc = weighted.setdefault(gi, [0.0, 0])
             acc[0] += float(mean.item()) * count
             acc[1] += count

@@ -120,7 +120,9 @@ class Technique:
 
     def before_graph(self, ctx: "StepContext") -> None:
         """Called eagerly before a compiled chain runs (``compile=True``), for inputs the graph should receive as
-        one flat tensor rather than build from per-tensor lists (kept in ``ctx.inputs[self.name]``)."""
+        one flat tensor rather than build from per-tensor lists (kept in ``ctx.inputs[self.name]``), and for what
+        ``run`` derives once per pack (``Pack.derive``): made inside the graph, a new key is a change of state that
+        makes the next step compile again."""
 
     def run(self, ctx: "StepContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -96,10 +96,16 @@ def smallest_values(absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     return absmax.repeat_interleave(BLOCK) * _smallest_positive(signed)
 
 
-@functools.lru_cache(maxsize=None)
+_SMALLEST: dict[bool, float] = {}
+
+
 def _smallest_positive(signed: bool) -> float:
-    code = qmap(signed, torch.device("cpu"))
-    return float(code[code > 0].min())
+    # a plain dict, filled when an 8-bit optimizer is built (bnb_available): a compiled step reads a constant here,
+    # where dynamo would trace through an lru_cache wrapper into the map's tensor
+    if signed not in _SMALLEST:
+        code = qmap(signed, torch.device("cpu"))
+        _SMALLEST[signed] = float(code[code > 0].min())
+    return _SMALLEST[signed]
 
 
 @functools.lru_cache(maxsize=None)

@@ -261,6 +261,13 @@ class LrMask(Technique):
     def __init__(self, switch: Field = USE_LR_MASK):
         super().__init__(switch)
 
+    def prepare(self, opt: Any) -> None:
+        # every pack's entry of the mask means exists before any pack steps: a compiled step that adds a key to the
+        # dict is guarded on its length, which grows as the packs of the first step add theirs (a graph per pack
+        # compiled for nothing)
+        for pack in opt.packs():
+            opt.mask_means.setdefault(id(pack), None)
+
     def units(self, hp) -> int:
         """Lattice steps per bump (1 here; subclasses with fractional bumps use more)."""
         return 1
@@ -333,7 +340,7 @@ class LrMask(Technique):
         elif ctx.step == 1:  # absolute bounds that exclude the built-with lr: the mask starts at the nearest bound
             self.clamp_start(ctx, steps, delta, lr0)
         count = ctx.temp().copy_(steps)
-        if ctx.step <= hp["warmup_steps"] + 1 or id(ctx.pack) not in ctx.opt.mask_means:
+        if ctx.step <= hp["warmup_steps"] + 1 or ctx.opt.mask_means.get(id(ctx.pack)) is None:
             # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
             real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
             ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + delta * ctx.tensor_sum(count).sum() / real, real)

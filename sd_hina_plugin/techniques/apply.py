@@ -96,10 +96,18 @@ class DynamicWeightDecay(Technique):
         # (the phase as a bool: a compiled step receives the ratio as a tensor, which it cannot branch on)
         return {"ratio": self.multiplier(hp, step), "relaxed": step > hp["wd_transition_steps"]}
 
+    @staticmethod
+    def adapter_mask(ctx) -> torch.Tensor:
+        """Which tensors of the pack are adapter factors (bool, per tensor, on the device; made once per pack)."""
+        pack = ctx.pack
+        return pack.derive("adapter_mask", lambda: upload([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params], pack.device))
+
+    def before_graph(self, ctx) -> None:
+        self.adapter_mask(ctx)  # made outside the graph (made in it, a change of state the next step recompiles for)
+
     def run(self, ctx) -> None:
         values = ctx.scalars[self.name]
-        pack = ctx.pack
-        pack.derive("adapter_mask", lambda: upload([ctx.opt.lora.role(p) in ADAPTER_ROLES for p in pack.params], pack.device))
+        self.adapter_mask(ctx)
         ctx.wd_ratio = values["ratio"] if values["relaxed"] else None
 
     @staticmethod

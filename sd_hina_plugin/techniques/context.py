@@ -230,6 +230,12 @@ class ContextScale(Technique):
     stage = "scale"
     summary = "COptim: update times the contextual lr multiplier (2^(consistency + loss trend), halved on edge cases, smoothed)"
 
+    def before_graph(self, ctx) -> None:
+        # the multiplier taken eagerly: reading the optimizer's param_groups inside a graph makes dynamo guard the
+        # group's lr (a graph per value), and the context's tensors are made on first use
+        ctx.inputs[self.name] = ctx.opt.c_optim.multiplier(ctx.pack.device)
+
     def run(self, ctx) -> None:
-        ctx.u.mul_(ctx.opt.c_optim.multiplier(ctx.u.device))
+        multiplier = ctx.inputs[self.name] if ctx.compiling else ctx.opt.c_optim.multiplier(ctx.u.device)
+        ctx.u.mul_(multiplier)
 

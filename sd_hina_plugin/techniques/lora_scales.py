@@ -53,16 +53,23 @@ class LoraPlusRatio(Technique):
         return (f"our LoRA+ ratio ({self.ratio.name}={hp[self.ratio.name]:g}) is off: the LoRA factors' up and down halves are in "
                 "separate param groups, as kohya's loraplus_lr_ratio makes them, and those groups' lrs already carry kohya's ratio")
 
+    @staticmethod
+    def spans(ctx) -> list[tuple[int, int]]:
+        """The zero-initialised factors of complete modules as contiguous runs of the flat buffer (usually one per
+        pack), derived once per pack."""
+        layout, pack = ctx.opt.lora, ctx.pack
+        return pack.derive("lora_plus.spans", lambda: pack.runs(
+            [i for i, p in enumerate(pack.params)
+             if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]))
+
+    def before_graph(self, ctx) -> None:
+        self.spans(ctx)  # derived outside the graph (made in it, a change of state the next step recompiles for)
+
     def run(self, ctx) -> None:
         ratio = ctx.hp[self.ratio.name]
         if ratio == 1.0 or not self.applies(ctx.opt):
             return
-        layout, pack = ctx.opt.lora, ctx.pack
-        # the zero-initialised factors of complete modules as contiguous runs of the flat buffer (usually one per pack)
-        spans = pack.derive("lora_plus.spans", lambda: pack.runs(
-            [i for i, p in enumerate(pack.params)
-             if layout.role(p) in ZERO_INIT_ROLES and (m := layout.module(p)) is not None and m.complete]))
-        for start, end in spans:
+        for start, end in self.spans(ctx):
             ctx.u[start:end].mul_(ratio)
 
 

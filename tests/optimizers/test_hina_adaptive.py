@@ -74,7 +74,7 @@ def test_importance_and_mask_still_apply_in_steps_where_a_tensor_has_no_gradient
     opt.step()
     assert torch.equal(dropped, before)
     assert scaled and all(scaled), scaled
-    assert len(opt.mask_means) == len(opt.packs())
+    assert len(opt.mask_means) == len(opt.packs()) and all(v is not None for v in opt.mask_means.values())
 
 
 @pytest.mark.parametrize("strength", [0.0, 0.25, 1.0])
