@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..numerics.rounding import kahan_add_, stochastic_round_
+from .pack import join
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import HinaOptimizer
@@ -146,7 +147,7 @@ class StepContext:
     def _per_tensor(self, reduce) -> torch.Tensor:
         """``reduce(bucket)`` -> one value per tensor of the bucket; concatenated in pack order."""
         parts = [reduce(b) for b in self.pack.buckets]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return join(parts)
 
     def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""

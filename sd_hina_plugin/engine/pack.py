@@ -33,6 +33,12 @@ CHUNK = 1 << 25
 CPU_CHUNK = 1 << 20
 
 
+def join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-bucket parts (flat, in bucket order) as one tensor: the part itself when the pack is one bucket (no copy),
+    else their concatenation. Per-tensor, "rows" and "cols" values of a pack are laid out this way."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def upload(values: list, device: torch.device) -> torch.Tensor:
     """``torch.tensor(values)`` on ``device`` without waiting for the GPU. A plain ``torch.tensor(..., device=
     "cuda")`` copies from pageable memory, which PyTorch follows with a stream synchronisation; here the values

@@ -11,8 +11,9 @@ from ..engine.technique import Technique
 COMPILE = Field(
     "compile", "bool", False,
     "Compile each pack's step with torch.compile (the first steps of each phase pay the compile time; falls back to "
-    "eager, with a log line, where no compiler works). Measured on CPU: no faster for HinaAdamWCore, slower for the "
-    "others (docs/benchmarks.md); not measured on GPU.")
+    "eager, with a log line, where no compiler works). Measured on CPU: faster for HinaAdamWCore and "
+    "HinaAdamWOptimizer, about equal for Automagic_Sinkgd, slower for AdamW_HinaAdaptive and the CameAMP names "
+    "(docs/benchmarks.md); not measured on GPU.")
 
 
 def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field] = (),

@@ -43,6 +43,7 @@ import math
 import torch
 
 from ..config import Field
+from ..engine.pack import join
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
 from .adaptive import LR_BUMP, MASK_BOUNDS, MASK_BUMP, MAX_LR, MIN_LR, LrMask, lattice_bounds, mask_settings, mask_unit
@@ -99,7 +100,7 @@ def factored_means(pack, sq: torch.Tensor, eps: float) -> tuple[torch.Tensor, to
         matrix = b.matrix(sq)
         rows.append(matrix.mean(dim=-1).reshape(-1))
         cols.append(col_mean(matrix).reshape(-1))
-    return (torch.cat(rows) if len(rows) > 1 else rows[0]).add_(eps), (torch.cat(cols) if len(cols) > 1 else cols[0]).add_(eps)
+    return join(rows).add_(eps), join(cols).add_(eps)
 
 
 def factored_roots(pack, r: torch.Tensor, c: torch.Tensor, scale: float = 1.0,
@@ -111,7 +112,7 @@ def factored_roots(pack, r: torch.Tensor, c: torch.Tensor, scale: float = 1.0,
         fr, fc = factored_root(b.row_stats(r), b.col_stats(c), scale, inverse)
         rows.append(fr.reshape(-1))
         cols.append(fc.reshape(-1))
-    return torch.cat(rows) if len(rows) > 1 else rows[0], torch.cat(cols) if len(cols) > 1 else cols[0]
+    return join(rows), join(cols)
 
 
 class CameSecondMoment(Technique):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import Field
+from ..engine.pack import join
 from ..engine.technique import Technique
 from ..lora.factors import as_matrices, batched_row_norms, exact_dtype, product_fro_norms
 from ..lora.layout import ZERO_INIT_ROLES
@@ -159,8 +160,7 @@ class AllLoraRowScale(Technique):
         inv_eta2 = 1.0 / ctx.hp[self.eta.name] ** 2
         weights = ctx.params32()  # gathered once per step, shared with other techniques
         if ctx.compiling:  # row norms bucket by bucket (reads), applied in one multiply through Pack.spread_rows
-            norms = [torch.linalg.vector_norm(b.matrix(weights), dim=-1).reshape(-1) for b in ctx.buckets]
-            norms = torch.cat(norms) if len(norms) > 1 else norms[0]
+            norms = join([torch.linalg.vector_norm(b.matrix(weights), dim=-1).reshape(-1) for b in ctx.buckets])
             ctx.u.mul_(ctx.pack.spread_rows(norms.square_().add_(inv_eta2).rsqrt_()))
             return
         for bucket in ctx.buckets:

@@ -38,6 +38,7 @@ import math
 import torch
 
 from ..config import Field
+from ..engine.pack import join
 from ..engine.technique import Slot, Technique
 from .adaptive import LrMask
 
@@ -128,9 +129,7 @@ class SinkgdDirection(Technique):
                 r, c = (math.sqrt(bucket.numel) / (norm + EPS)).expand(x.shape), torch.ones_like(x[:, :1, :])
             rows.append(r.reshape(-1))
             cols.append(c.reshape(-1))
-        rows = torch.cat(rows) if len(rows) > 1 else rows[0]
-        cols = torch.cat(cols) if len(cols) > 1 else cols[0]
-        u.mul_(pack.spread_rows(rows).mul_(pack.spread_cols(cols)))
+        u.mul_(pack.spread_rows(join(rows)).mul_(pack.spread_cols(join(cols))))
 
     @staticmethod
     def scales(x2: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
