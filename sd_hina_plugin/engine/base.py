@@ -36,6 +36,8 @@ from ..lora import discovery
 from ..lora.layout import LoraLayout
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
+from .binding import Binding
+from .checkpoint import FORMAT_VERSION, Checkpointing
 from .compiled import CompiledSteps, run_chain
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs, upload
@@ -43,7 +45,7 @@ from .report import Reporting
 from .state import StateTable
 from .technique import STAGES, Slot, Technique
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "HinaOptimizer", "validate_techniques"]
 _RNG_SEED = 0x5EED_0001
 logger = logging.getLogger("sd_hina_plugin")
 _KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
@@ -93,7 +95,7 @@ def _describe_arguments(cls: type) -> None:
     cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"
 
 
-class HinaOptimizer(Reporting, torch.optim.Optimizer):
+class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
     Config: ClassVar[type[ConfigBase]]
@@ -120,7 +122,12 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         params = list(params)
         if not params:
             raise ValueError(f"{self.NAME}: got an empty parameter list")
-        self._packs: list[list[Pack]] | None = None
+        #: where each trained tensor lives: groups by identity, their members and packs (see engine/binding.py)
+        self._binding = Binding()
+        #: the packs of the groups being stepped, while step() runs
+        self._step_packs: list[list[Pack]] | None = None
+        #: names learnt for tensors so far (by id), which the views an engine cuts from its partitions inherit
+        self._names_seen: dict[int, str] = {}
         self._pool = ScratchPool()
         self._pool_generation = 0
         self._stats: dict[str, torch.Tensor | float] = {}
@@ -168,6 +175,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
+        self._binding.record(group)
         overrides = {k: group[k] for k in self.Config.FIELDS if k in group}
         validated = self.Config.from_kwargs(overrides)
         group.update(validated.as_dict())
@@ -185,15 +193,20 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
             if not p.is_floating_point():
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} has dtype {p.dtype}; only floating-point parameters can be optimized")
-        if getattr(self, "_packs", None) is not None:  # added after state exists: plan only this group, keep the rest
+        if self._binding.any_planned:  # added after state exists: roles now, packs when it first steps
             self._discover_names()
-            self._packs.append(self._plan_group(index))
 
-    def _check_dtypes(self) -> None:
+    def _check_dtypes(self, members: list[torch.Tensor] | None = None) -> None:
+        """Every parameter (or, given ``members``, every tensor a group trains now) has a dtype this optimizer takes."""
         if self.PARAM_DTYPES is None:
             return
-        wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
-                 if p.dtype not in self.PARAM_DTYPES]
+        if members is None:
+            wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
+                     if p.dtype not in self.PARAM_DTYPES]
+        else:
+            wrong = [(self._binding.home(g), j, p.dtype) for g in self.param_groups for j, p in enumerate(g["params"])
+                     if any(p is m or (f := self._binding.fragment(m)) is not None and f.owner is p for m in members)
+                     and p.dtype not in self.PARAM_DTYPES]
         if wrong:
             listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
             more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
@@ -234,33 +247,56 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         return lambda p: wants and p.numel() >= threshold
 
     # -- names and LoRA roles -------------------------------------------------------------------------------
+    def _own_tensors(self) -> list[torch.Tensor]:
+        """The trainable tensors that are parameters themselves (not views an engine cut from its partitions)."""
+        return [m for _, m in self._binding.all_members() if self._binding.fragment(m) is None]
+
     def _trainable_ids(self) -> set[int]:
-        return {id(p) for g in self.param_groups for p in g["params"] if p.requires_grad}
+        return {id(p) for p in self._own_tensors()}
 
     def _discover_names(self) -> None:
-        names, source = discovery.names_from_groups(self.param_groups), "param_names"
-        wanted = self._trainable_ids()
+        own = self._own_tensors()
+        names, source = discovery.names_from_groups(self._binding.groups), "param_names"
+        wanted = {id(p) for p in own}
         if not wanted <= names.keys():
-            tagged = discovery.names_from_attributes(p for g in self.param_groups for p in g["params"])
+            tagged = discovery.names_from_attributes(own)
             if tagged:
                 names, source = {**tagged, **names}, "param_name attributes"
         if not wanted <= names.keys():
-            found = discovery.names_from_kohya_frame(p for g in self.param_groups for p in g["params"])
+            found = discovery.names_from_kohya_frame(own)
             source = "kohya frame"
             if not (wanted <= (names.keys() | found.keys())) and _KOHYA_MODULE in sys.modules:
-                found = discovery.names_from_module_scan(p for g in self.param_groups for p in g["params"])
+                found = discovery.names_from_module_scan(own)
                 source = "module scan"
             names = {**found, **names}
+            if not wanted <= names.keys() and wanted <= (names.keys() | self._names_seen.keys()):
+                # names learnt earlier (attach_names, or before a tensor changed requires_grad) still hold
+                names, source = {**self._names_seen, **names}, getattr(self, "_lora", None) and self._lora.source or "names learnt earlier"
             if not wanted <= names.keys():
                 source = "none"
+        if not own and self._names_seen:  # every tensor cut from an engine's partitions: their parameters' names
+            source = "names learnt before the engine partitioned the parameters"
         self._set_layout(names, source)
 
     def _set_layout(self, names: dict[int, str], source: str) -> None:
-        self._lora = LoraLayout.build(self.param_groups, names, source)
+        names = dict(names)
+        split = 0
+        for _, member in self._binding.all_members():
+            fragment = self._binding.fragment(member)
+            if fragment is None:
+                continue
+            seen = self._names_seen.get(id(fragment.source))
+            if fragment.whole and seen is not None:
+                names[id(member)] = seen
+            else:  # part of a tensor split between ranks: a 1-D tensor of no adapter role
+                names[id(member)] = f"partition_part{split}"
+                split += 1
+        self._lora = LoraLayout.build(self._binding.all_members(), names, source)
+        if self._lora.source != "shape rules":
+            self._names_seen.update(self._lora.name_of)
         self._names_reported = False
-        for packs in self._packs or []:
-            for pack in packs:
-                pack.derived.clear()
+        for pack in self._all_planned():
+            pack.derived.clear()
 
     def _report_missing_names(self) -> None:
         """Say once, at the first step (so a later ``attach_names`` can still supply them), that roles come
@@ -269,7 +305,7 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
             return
         self._names_reported = True
         if self._lora.source == "shape rules" and any(t.uses_roles for g in self.param_groups for t in self.techniques(g)):
-            roles = [self._lora.role(p).value for g in self.param_groups for p in g["params"] if p.requires_grad]
+            roles = [self._lora.role(p).value for _, p in self._binding.all_members()]
             logger.warning(
                 "%s: no parameter names, so LoRA/LoKr roles come from shape rules (%d A-like, %d B-like tensors). "
                 "Pass model.named_parameters(), put 'param_names' in the param groups, or call "
@@ -286,11 +322,14 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
         names = {id(p): n for n, p in named_parameters}
-        wanted = self._trainable_ids()
+        # parameters an engine has since cut into partitions (DeepSpeed) pass their names on to the views of them
+        sources = {id(f.source) for _, m in self._binding.all_members() if (f := self._binding.fragment(m)) is not None}
+        self._names_seen.update((i, n) for i, n in names.items() if i in sources)
+        wanted = self._trainable_ids() | sources
         covered = len(wanted & names.keys())
         if not covered:
             raise ValueError(f"{self.NAME}.attach_names: none of the given names belongs to a parameter of this optimizer")
-        merged = {**discovery.names_from_groups(self.param_groups), **names}
+        merged = {**discovery.names_from_groups(self._binding.groups), **names}
         self._set_layout(merged, "attach_names" if covered == len(wanted) else "attach_names (partial)")
         return self
 
@@ -361,40 +400,72 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
         return tag
 
-    def _init_state(self) -> None:
+    def _init_state(self, fresh: bool = False) -> None:
+        """Plan every group now (its state allocated; ``fresh``: anew, its state zeroed, as before loading a checkpoint)."""
         if not self._dtypes_checked:
             self._check_dtypes()
             self._dtypes_checked = True
+        if fresh:
+            self._binding.forget()
+        for group in self.param_groups:
+            self._group_packs(group, carry=not fresh)
         self._report_missing_names()
-        self._packs = [self._plan_group(gi) for gi in range(len(self.param_groups))]
 
-    def _replan_group(self, gi: int) -> None:
-        """Plan a group again for its current trainable parameters, keeping the state of those already
-        planned (new ones start fresh, as in torch.optim)."""
-        kept = {id(p): {k: v.clone() for k, v in self.state[p].items()}
-                for pack in self._packs[gi] for p in pack.params}
-        for pack in self._packs[gi]:
-            for p in pack.params:
-                self.state.pop(p, None)
-        self._discover_names()
+    @property
+    def _packs(self) -> list[list[Pack]] | None:
+        """The packs of each group in ``param_groups`` (None before any group was planned)."""
+        if self._step_packs is not None:
+            return self._step_packs
+        if not self._binding.any_planned:
+            return None
+        return [self._group_packs(group) for group in self.param_groups]
+
+    def _all_planned(self) -> list[Pack]:
+        return [pack for group in self._binding.groups for pack in self._binding.planned(group) or []]
+
+    def _group_packs(self, group: dict[str, Any], carry: bool = True) -> list[Pack]:
+        """``group``'s packs for the tensors it holds now, planned again when they changed (see engine/binding.py)."""
+        packs = self._binding.current(group)
+        return packs if packs is not None else self._replan(group, carry)
+
+    def _replan(self, group: dict[str, Any], carry: bool = True) -> list[Pack]:
+        """Plan ``group`` for the tensors it holds now. A tensor it held before keeps its state; one it no longer holds
+        keeps its state in ``optimizer.state`` (as in torch.optim) and continues from it if it comes back; a new one
+        starts fresh."""
+        old = [p for pack in self._binding.planned(group) or [] for p in pack.params]
+        members = self._binding.members(group)
+        previous: dict[int, dict[str, Any]] = {}
+        for p in old + members if carry else ():
+            entry = dict.get(self.state, p)
+            if entry and id(p) not in previous:
+                # copies, so that the old packs' buffers can go; the entry itself keeps them until it is planned again
+                previous[id(p)] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in dict.items(entry)}
+                dict.update(entry, previous[id(p)])
+        self._check_dtypes(members)
+        if any(id(p) not in self._lora.name_of for p in members):
+            self._discover_names()
         if self._compiled is not None:
             self._compiled.forget()
-        self._packs[gi] = self._plan_group(gi)
-        for pack in self._packs[gi]:
+        packs = self._binding.plan(group, members, self._plan_members)
+        for pack in packs:
             for p in pack.params:
-                for key, value in kept.get(id(p), {}).items():
-                    if key in self.state[p]:
-                        self.state[p][key].copy_(value)
+                for key, value in previous.get(id(p), {}).items():
+                    mine = dict.get(self.state[p], key)
+                    if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and mine.shape == value.shape:
+                        mine.copy_(value)
+        if self._binding.describe() and self._binding.describe() not in self._adamw_notes:
+            self._note_once(self._binding.describe())
+            logger.info("%s: %s", self.NAME, self._binding.describe())
+        return packs
 
-    def _plan_group(self, gi: int) -> list[Pack]:
-        group = self.param_groups[gi]
-        packs = plan_packs(gi, group["params"], self._quantize_param(group), self._pack_tag(group))
+    def _plan_members(self, gi: int, group: dict[str, Any], members: list[torch.Tensor]) -> list[Pack]:
+        packs = plan_packs(gi, members, self._quantize_param(group), self._pack_tag(group))
         for pack in packs:
             self._allocate(pack, group)
         return packs
 
     def packs(self) -> list[Pack]:
-        """Every pack of every group (state must exist: call after the first step or ``_init_state``)."""
+        """Every pack of the groups in ``param_groups`` (planned if need be)."""
         return [pack for packs in self._packs or [] for pack in packs]
 
     def per_tensor(self, key: str) -> tuple[list[Pack], torch.Tensor | None]:
@@ -415,12 +486,11 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
 
     def _scratch(self, name: str, pack: Pack, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buf = self._pool.get(name, pack.total, dtype, pack.device)
-        if self._pool.generation != self._pool_generation and self._packs is not None:
+        if self._pool.generation != self._pool_generation:
             self._pool_generation = self._pool.generation
             retired, self._pool.retired = self._pool.retired, set()
-            for packs in self._packs:  # a replaced buffer invalidates cached views of the old one
-                for other in packs:
-                    other.forget_views(retired)
+            for other in self._all_planned():  # a replaced buffer invalidates cached views of the old one
+                other.forget_views(retired)
         return buf
 
     def host_values(self, name: str, values: list, device: torch.device) -> torch.Tensor:
@@ -449,30 +519,35 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._packs is None:
-            self._init_state()
-        assert self._packs is not None
-        for gi, (group, packs) in enumerate(zip(self.param_groups, self._packs)):
-            planned = sum(len(pack.params) for pack in packs)
-            if planned != sum(1 for p in group["params"] if p.requires_grad and p.numel()):
-                self._replan_group(gi)  # requires_grad changed since the packs were planned
-        self.step_cache.clear()
-        stepping = [(group, packs) for group, packs in zip(self.param_groups, self._packs)
-                    if any(p.grad is not None for pack in packs for p in pack.params)]
-        for tech in self.TECHNIQUES:
-            if any(tech.enabled(group) for group, _ in stepping):
-                tech.prepare(self)
-        for group, packs in stepping:
-            group["step"] += 1
-            for pack in packs:
-                self._step_pack(pack, group)
-        for tech in self.TECHNIQUES:
-            if any(tech.enabled(group) for group, _ in stepping):
-                tech.finish(self)
+        if not self._dtypes_checked:
+            self._check_dtypes()
+            self._dtypes_checked = True
+        # groups by identity, never by position: engines step a subset (DeepSpeed sets param_groups to one group),
+        # replace parameters (DeepSpeed's flat partitions, FSDP2) or reorder groups (see engine/binding.py)
+        visible = [self._group_packs(group) for group in self.param_groups]
+        self._report_missing_names()
+        self._step_packs = visible
+        try:
+            self.step_cache.clear()
+            grad = self._binding.grad
+            stepping = [(group, packs) for group, packs in zip(self.param_groups, visible)
+                        if any(grad(p) is not None for pack in packs for p in pack.params)]
+            for tech in self.TECHNIQUES:
+                if any(tech.enabled(group) for group, _ in stepping):
+                    tech.prepare(self)
+            for group, packs in stepping:
+                group["step"] += 1
+                for pack in packs:
+                    self._step_pack(pack, group)
+            for tech in self.TECHNIQUES:
+                if any(tech.enabled(group) for group, _ in stepping):
+                    tech.finish(self)
+        finally:
+            self._step_packs = None
         return loss
 
     def _step_pack(self, pack: Pack, group: dict[str, Any]) -> None:
-        grads = [p.grad for p in pack.params]
+        grads = [self._binding.grad(p) for p in pack.params]
         absent = [i for i, g in enumerate(grads) if g is None]
         if len(absent) == len(grads):
             return
@@ -586,82 +661,3 @@ class HinaOptimizer(Reporting, torch.optim.Optimizer):
     def _mask_skipped(ctx: StepContext, flat: torch.Tensor) -> None:
         """Zero the skipped tensors' elements of finite ``flat`` (a multiply: 10x faster than masked_fill_ here)."""
         ctx.tensor_scale_(flat, ctx.keep)
-
-    # -- checkpoints --------------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        """``copy.deepcopy(optimizer)`` and ``pickle``: the parameters, the constructor's arguments, the names it
-        learnt and a state dict; :meth:`__setstate__` builds the optimizer again from them (its packs hold views
-        into flat buffers that cannot be copied attribute by attribute)."""
-        named = [] if self._lora.source == "shape rules" else \
-            [(self._lora.name_of[id(p)], p) for g in self.param_groups for p in g["params"] if id(p) in self._lora.name_of]
-        groups = [{"params": list(g["params"]), **({"param_names": list(g["param_names"])} if "param_names" in g else {})}
-                  for g in self.param_groups]
-        return {"groups": groups, "kwargs": self.config.as_dict(), "named": named, "saved": self.state_dict()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        type(self).__init__(self, state["groups"], **state["kwargs"])
-        if state["named"]:
-            self.attach_names(state["named"])
-        self.load_state_dict(state["saved"])
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # plain dicts: no derived keys, no back-reference
-        sd["hina"] = {
-            "format": FORMAT_VERSION,
-            "optimizer": self.NAME,
-            "rng": {dev: gen.get_state() for dev, gen in self._generators.items()},
-        }
-        sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        meta = state_dict.get("hina") if isinstance(state_dict, dict) else None
-        if not isinstance(meta, dict) or meta.get("optimizer") != self.NAME:
-            found = meta.get("optimizer") if isinstance(meta, dict) else "an optimizer outside sd_hina_plugin"
-            raise ValueError(f"{self.NAME}.load_state_dict: this state dict was saved by {found}, not by {self.NAME}")
-        if meta.get("format", 0) > FORMAT_VERSION:
-            raise ValueError(f"{self.NAME}.load_state_dict: state format {meta['format']} is newer than this version ({FORMAT_VERSION}); upgrade sd_hina_plugin")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"{self.NAME}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)} (did the network, LoRA+ or block-lr settings change since it was saved?)")
-        id_map: dict[Any, torch.Tensor] = {}
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"{self.NAME}.load_state_dict: param group {gi} has {len(saved['params'])} parameters in the checkpoint "
-                    f"and {len(group['params'])} here")
-            id_map.update(zip(saved["params"], group["params"]))
-        for saved, group in zip(saved_groups, self.param_groups):
-            for key, value in saved.items():
-                if key not in ("params", "param_names"):
-                    group[key] = value
-        self._init_state()
-        for sid, saved_state in state_dict["state"].items():
-            if sid not in id_map:
-                raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
-            p = id_map[sid]
-            ours = self.state[p]
-            missing, extra = sorted(set(ours) - set(saved_state)), sorted(set(saved_state) - set(ours))
-            if missing or extra:
-                raise ValueError(
-                    f"{self.NAME}.load_state_dict: state of parameter {sid} (shape {tuple(p.shape)}) does not match this "
-                    f"configuration: missing {missing}, unexpected {extra} (were optim_bits or a technique switch changed?)")
-            for key, value in saved_state.items():
-                if isinstance(value, torch.Tensor):
-                    if value.shape != ours[key].shape:
-                        raise ValueError(f"{self.NAME}.load_state_dict: {key} of parameter {sid} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}")
-                    ours[key].copy_(value)
-                else:
-                    ours[key] = value
-        for dev, rng in meta.get("rng", {}).items():
-            if torch.device(dev).type == "cpu" or torch.cuda.is_available():
-                self._generator(torch.device(dev)).set_state(rng.cpu())
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)

@@ -19,7 +19,11 @@ class Reporting:
 
     def diagnose_lora_pairing(self) -> dict[str, Any]:
         """Per-group role counts, complete modules, unpaired names with shapes, the role of every parameter."""
-        return self._lora.diagnose(self.param_groups)
+        return self._lora.diagnose(self._groups_members())
+
+    def _groups_members(self) -> list[tuple[str, list[torch.Tensor]]]:
+        """(name, trainable tensors) of each group in ``param_groups`` (tensors as the packs see them)."""
+        return [(self.group_name(i), self._binding.members(g)) for i, g in enumerate(self.param_groups)]
 
     def lokr_stats(self, per_module: bool = False) -> dict[str, float]:
         """Norms of LoKr factors and of their Kronecker products (||w1 ⊗ w2|| = ||w1|| ||w2||). Syncs."""
@@ -44,7 +48,7 @@ class Reporting:
     def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any] | None:
         """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet."""
         for group in self.param_groups:
-            if any(q is p for q in group["params"]):
+            if any(q is p for q in self._binding.members(group)):
                 for tech in self.techniques(group):
                     if hasattr(tech, "mask_of") and self.state.get(p):
                         return group, tech
@@ -93,7 +97,14 @@ class Reporting:
             acc = weighted.setdefault(gi, [0.0, 0])
             acc[0] += float(mean.item()) * count
             acc[1] += count
-        return {gi: float(self.param_groups[gi]["lr"]) * total / count for gi, (total, count) in weighted.items()}
+        # packs know their group by its home index (engine/binding.py); reported under its place in param_groups
+        place = {id(g): i for i, g in enumerate(self.param_groups)}
+        out = {}
+        for gi, (total, count) in weighted.items():
+            group = self._binding.groups[gi]
+            if id(group) in place:
+                out[place[id(group)]] = float(group["lr"]) * total / count
+        return out
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (distinct storages of every state tensor)."""
@@ -106,11 +117,11 @@ class Reporting:
         return sum(seen.values())
 
     def get_optimization_info(self) -> dict[str, Any]:
-        diag = self._lora.diagnose(self.param_groups)
+        diag = self._lora.diagnose(self._groups_members())
         roles = self._role_counts(diag)
         groups = []
         for i, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.requires_grad]
+            params = self._binding.members(group)
             groups.append({
                 "name": self.group_name(i),
                 "params": len(params),
@@ -155,7 +166,10 @@ class Reporting:
                 continue
             members = module.members
             first = self._lora.params[next(iter(members.values()))]
-            meta = out[self._lora.group_of[id(first)]]
+            home = self._binding.groups[self._lora.group_of[id(first)]]
+            meta = next((out[i] for i, g in enumerate(self.param_groups) if g is home), None)
+            if meta is None:  # a group no longer in param_groups
+                continue
             if module.family == "lora" and Role.LORA_A in members and Role.LORA_B in members:
                 meta["lora_pairs"].append((members[Role.LORA_A], members[Role.LORA_B]))
             elif module.family == "lokr":

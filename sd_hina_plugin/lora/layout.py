@@ -51,8 +51,8 @@ class LoraLayout:
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, param_groups: list[dict[str, Any]], names: dict[int, str], source: str) -> "LoraLayout":
-        trainable = [(gi, p) for gi, g in enumerate(param_groups) for p in g["params"] if p.requires_grad]
+    def build(cls, trainable: list[tuple[int, torch.Tensor]], names: dict[int, str], source: str) -> "LoraLayout":
+        """The layout of the ``trainable`` tensors, given as (param group index, tensor), named by ``names`` (by id)."""
         name_of: dict[int, str] = {}
         if source == "none" or not names:
             source = "shape rules"
@@ -98,14 +98,14 @@ class LoraLayout:
         """True when pairs straddle param groups, e.g. kohya's ``loraplus_lr_ratio`` (ups in "plus" groups)."""
         return bool(self.split_modules)
 
-    def diagnose(self, param_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    def diagnose(self, groups_members: list[tuple[str, list[torch.Tensor]]]) -> dict[str, Any]:
+        """Per group ((name, its trainable tensors), in ``param_groups`` order): role counts; then pairs and names."""
         groups = []
-        for gi, group in enumerate(param_groups):
+        for gi, (name, members) in enumerate(groups_members):
             counts: dict[str, int] = {}
-            for p in group["params"]:
-                if p.requires_grad:
-                    counts[self.role(p).value] = counts.get(self.role(p).value, 0) + 1
-            groups.append({"group": gi, "name": group.get("hina_desc") or f"group{gi}", "roles": counts})
+            for p in members:
+                counts[self.role(p).value] = counts.get(self.role(p).value, 0) + 1
+            groups.append({"group": gi, "name": name, "roles": counts})
         modules = self.pairing.modules.values()
         return {
             "names_source": self.source,

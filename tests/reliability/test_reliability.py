@@ -234,7 +234,7 @@ def test_parameters_made_trainable_later_are_picked_up(spec):
     before = {k: v.clone() for k, v in opt.state[a].items() if isinstance(v, torch.Tensor)}
     b.requires_grad_(True)
     start = b.detach().clone()
-    opt._replan_group(0)  # what the next step() does on seeing b: a keeps its state bit for bit
+    opt._group_packs(opt.param_groups[0])  # what the next step() does on seeing b: a keeps its state bit for bit
     assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
     for _ in range(3):
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)

@@ -1,0 +1,142 @@
+"""Where each tensor the optimizer trains lives: the one owner of the map from param groups to packs.
+
+torch.optim lets code change ``param_groups`` after construction, and training engines do: DeepSpeed ZeRO-1/2
+replaces each group's parameters by one flat fp32 partition, then steps one group at a time by setting
+``optimizer.param_groups = [that group]``; accelerate's FSDP2 support swaps every group's parameters for sharded
+ones; users replace parameters, reorder groups, flip ``requires_grad`` or step a subset. So nothing here goes by
+position:
+
+* a **group** is known by identity (the dict object; a dict seen for the first time is adopted, its home index the
+  order in which groups became known), and its packs by the identity, shape and ``requires_grad`` of the tensors it
+  holds now (its *signature*). A group whose signature changed is planned again; state of the tensors it still
+  holds is carried over, and state of tensors it dropped stays in ``optimizer.state`` (as in torch.optim), so that
+  it continues if they come back.
+* a group's tensors become **members**, the tensors packs are planned over: the parameter itself, or, for a flat
+  partition made by an engine (see ``engine/distributed.py``), views of its fragments with the shapes of the model
+  parameters they stand for. ``grad(member)`` reads the gradient through the same map.
+
+Techniques see members only: what a member is a view of is this module's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import distributed
+from .pack import Pack
+
+
+@dataclass
+class _Planned:
+    group: dict[str, Any]
+    signature: tuple
+    members: list[torch.Tensor]
+    packs: list[Pack] = field(default_factory=list)
+
+
+class Binding:
+    def __init__(self) -> None:
+        #: every group the optimizer has known, in the order it became known (a pack's ``group_index`` is its place here)
+        self.groups: list[dict[str, Any]] = []
+        self._index: dict[int, int] = {}
+        #: the tensors each group was built with (by home index): what an engine's flat partition stands for
+        self._origins: dict[int, list[torch.Tensor]] = {}
+        self._planned: dict[int, _Planned] = {}
+        #: a member that is a view of part of a flat partition: id(member) -> its fragment
+        self._fragments: dict[int, distributed.Fragment] = {}
+        #: a group's tensors as members, by home index, when the engine's form of them was last examined
+        self._expanded: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+
+    # -- groups ---------------------------------------------------------------------------------------------
+    def home(self, group: dict[str, Any]) -> int:
+        """The home index of ``group`` (adopted if new)."""
+        index = self._index.get(id(group))
+        if index is None or self.groups[index] is not group:
+            index = self._index[id(group)] = len(self.groups)
+            self.groups.append(group)
+            self._origins[index] = list(group["params"])
+        return index
+
+    def record(self, group: dict[str, Any]) -> int:
+        """A group added through ``add_param_group``: its tensors are what later engine forms stand for."""
+        return self.home(group)
+
+    @staticmethod
+    def signature(group: dict[str, Any]) -> tuple:
+        return tuple((id(p), tuple(p.shape), p.dtype, p.requires_grad) for p in group["params"])
+
+    # -- members --------------------------------------------------------------------------------------------
+    def members(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The trainable tensors of ``group`` as packs see them (see the module docstring)."""
+        index = self.home(group)
+        signature = self.signature(group)
+        cached = self._expanded.get(index)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        for old in cached[1] if cached is not None else ():
+            self._fragments.pop(id(old), None)
+        out: list[torch.Tensor] = []
+        origins = self._origins[index]
+        known = {id(p) for p in origins}
+        for p in group["params"]:
+            if id(p) in known:
+                if p.requires_grad and p.numel():
+                    out.append(p)
+                continue
+            fragments = distributed.fragments_of(p, origins, index)
+            if fragments is None:  # a tensor put in after construction, of no engine we know: itself
+                if p.requires_grad and p.numel():
+                    out.append(p)
+                continue
+            if not p.requires_grad:
+                continue
+            for fragment in fragments:
+                member = fragment.view(p)
+                self._fragments[id(member)] = fragment
+                out.append(member)
+        self._expanded[index] = (signature, out)
+        return out
+
+    def all_members(self, groups: list[dict[str, Any]] | None = None) -> list[tuple[int, torch.Tensor]]:
+        """(home index, member) of every trainable member of ``groups`` (default: every known group)."""
+        return [(self.home(g), m) for g in (self.groups if groups is None else groups) for m in self.members(g)]
+
+    def fragment(self, member: torch.Tensor) -> distributed.Fragment | None:
+        return self._fragments.get(id(member))
+
+    def grad(self, member: torch.Tensor) -> torch.Tensor | None:
+        fragment = self._fragments.get(id(member))
+        return member.grad if fragment is None else fragment.grad()
+
+    # -- packs ----------------------------------------------------------------------------------------------
+    def current(self, group: dict[str, Any]) -> list[Pack] | None:
+        """The packs of ``group`` if they were planned for the tensors it holds now, else None."""
+        planned = self._planned.get(self.home(group))
+        return planned.packs if planned is not None and planned.signature == self.signature(group) else None
+
+    def plan(self, group: dict[str, Any], members: list[torch.Tensor],
+             make: Callable[[int, dict[str, Any], list[torch.Tensor]], list[Pack]]) -> list[Pack]:
+        """New packs for ``group``'s ``members`` (``make(home index, group, members)``), replacing its old ones."""
+        index = self.home(group)
+        packs = make(index, group, members)
+        self._planned[index] = _Planned(group, self.signature(group), members, packs)
+        return packs
+
+    def planned(self, group: dict[str, Any]) -> list[Pack] | None:
+        """The packs last planned for ``group`` (None if none), without checking its tensors."""
+        entry = self._planned.get(self.home(group))
+        return entry.packs if entry is not None else None
+
+    def forget(self) -> None:
+        self._planned.clear()
+
+    @property
+    def any_planned(self) -> bool:
+        return bool(self._planned)
+
+    def describe(self) -> str | None:
+        """One line on the engine forms in use (None when every member is a parameter itself)."""
+        return distributed.describe(list(self._fragments.values()))

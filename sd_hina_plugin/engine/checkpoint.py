@@ -1,0 +1,137 @@
+"""Checkpoints of a HinaOptimizer: ``state_dict``, ``load_state_dict``, ``copy.deepcopy`` and ``pickle``.
+
+The format is torch.optim's (``{"state": {index: {key: tensor}}, "param_groups": [...]}``) plus a ``"hina"`` entry
+(format version, optimizer name, random generator states). State is keyed by the index of each tensor in
+``param_groups``. Where an engine replaced a group's parameters by a flat partition (DeepSpeed ZeRO-1/2, see
+``engine/distributed.py``), the partition's entry holds ``{"hina.fragments": {start: {key: tensor}}}``: the state
+of each tensor cut from it, by its offset in the partition, so that the same layout loads it back exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+#: the state entry of a flat partition: its fragments' states by offset
+FRAGMENTS = "hina.fragments"
+
+
+class Checkpointing:
+    """Mixed into :class:`~sd_hina_plugin.engine.base.HinaOptimizer`."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy(optimizer)`` and ``pickle``: the parameters, the constructor's arguments, the names it
+        learnt and a state dict; :meth:`__setstate__` builds the optimizer again from them (its packs hold views
+        into flat buffers that cannot be copied attribute by attribute)."""
+        named = [] if self._lora.source == "shape rules" else \
+            [(self._lora.name_of[id(p)], p) for g in self.param_groups for p in g["params"] if id(p) in self._lora.name_of]
+        groups = [{"params": list(g["params"]), **({"param_names": list(g["param_names"])} if "param_names" in g else {})}
+                  for g in self.param_groups]
+        return {"groups": groups, "kwargs": self.config.as_dict(), "named": named, "saved": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        type(self).__init__(self, state["groups"], **state["kwargs"])
+        if state["named"]:
+            self.attach_names(state["named"])
+        self.load_state_dict(state["saved"])
+
+    def state_dict(self) -> dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [index[id(p)] for p in group["params"]]})
+        state: dict[int, dict[str, Any]] = {}
+        for p, entry in self.state.items():
+            real = dict(entry)  # a plain dict: no derived keys, no back-reference
+            fragment = self._binding.fragment(p)
+            if not real:
+                continue
+            if fragment is None:
+                if id(p) in index:  # (state of a tensor no group holds any more stays out, where torch would fail)
+                    state[index[id(p)]] = real
+            elif id(fragment.owner) in index:
+                state.setdefault(index[id(fragment.owner)], {}).setdefault(FRAGMENTS, {})[fragment.start] = real
+        sd: dict[str, Any] = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        sd["hina"] = {
+            "format": FORMAT_VERSION,
+            "optimizer": self.NAME,
+            "rng": {dev: gen.get_state() for dev, gen in self._generators.items()},
+        }
+        sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        meta = state_dict.get("hina") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or meta.get("optimizer") != self.NAME:
+            found = meta.get("optimizer") if isinstance(meta, dict) else "an optimizer outside sd_hina_plugin"
+            raise ValueError(f"{self.NAME}.load_state_dict: this state dict was saved by {found}, not by {self.NAME}")
+        if meta.get("format", 0) > FORMAT_VERSION:
+            raise ValueError(f"{self.NAME}.load_state_dict: state format {meta['format']} is newer than this version ({FORMAT_VERSION}); upgrade sd_hina_plugin")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{self.NAME}.load_state_dict: the checkpoint has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)} (did the network, LoRA+ or block-lr settings change since it was saved?)")
+        id_map: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{self.NAME}.load_state_dict: param group {gi} has {len(saved['params'])} parameters in the checkpoint "
+                    f"and {len(group['params'])} here")
+            id_map.update((sid, (p, group)) for sid, p in zip(saved["params"], group["params"]))
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key, value in saved.items():
+                if key not in ("params", "param_names"):
+                    group[key] = value
+        self._init_state()
+        for sid, saved_state in state_dict["state"].items():
+            if sid not in id_map:
+                raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
+            p, group = id_map[sid]
+            if FRAGMENTS in saved_state:
+                members = {f.start: m for m in self._binding.members(group)
+                           if (f := self._binding.fragment(m)) is not None and f.owner is p}
+                for start, entry in saved_state[FRAGMENTS].items():
+                    if start not in members:
+                        raise ValueError(
+                            f"{self.NAME}.load_state_dict: the checkpoint has state for a tensor at offset {start} of "
+                            f"parameter {sid}'s partition, which holds none here (was it saved with another number of "
+                            f"ranks or another partitioning?)")
+                    self._load_entry(members[start], f"{sid}@{start}", entry)
+            else:
+                self._load_entry(p, sid, saved_state)
+        for dev, rng in meta.get("rng", {}).items():
+            if torch.device(dev).type == "cpu" or torch.cuda.is_available():
+                self._generator(torch.device(dev)).set_state(rng.cpu())
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_entry(self, p: torch.Tensor, sid: Any, saved_state: dict[str, Any]) -> None:
+        """Copy one tensor's saved state into its already allocated state (dtypes kept)."""
+        ours = self.state[p]
+        missing, extra = sorted(set(ours) - set(saved_state)), sorted(set(saved_state) - set(ours))
+        if missing or extra:
+            raise ValueError(
+                f"{self.NAME}.load_state_dict: state of parameter {sid} (shape {tuple(p.shape)}) does not match this "
+                f"configuration: missing {missing}, unexpected {extra} (were optim_bits or a technique switch changed?)")
+        for key, value in saved_state.items():
+            if isinstance(value, torch.Tensor):
+                if value.shape != ours[key].shape:
+                    raise ValueError(f"{self.NAME}.load_state_dict: {key} of parameter {sid} has shape {tuple(value.shape)}, expected {tuple(ours[key].shape)}")
+                ours[key].copy_(value)
+            else:
+                ours[key] = value
