@@ -34,6 +34,7 @@ from ..config import ConfigBase
 from ..kohya.hook import attach as attach_to_kohya
 from ..lora import discovery
 from ..lora.layout import LoraLayout
+from ..lora.names import classify
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
 from .binding import Binding
@@ -124,6 +125,7 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
             raise ValueError(f"{self.NAME}: got an empty parameter list")
         #: where each trained tensor lives: groups by identity, their members and packs (see engine/binding.py)
         self._binding = Binding()
+        self._binding.module_of = self._module_of
         #: the packs of the groups being stepped, while step() runs
         self._step_packs: list[list[Pack]] | None = None
         #: names learnt for tensors so far (by id), which the views an engine cuts from its partitions inherit
@@ -277,6 +279,14 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
         if not own and self._names_seen:  # every tensor cut from an engine's partitions: their parameters' names
             source = "names learnt before the engine partitioned the parameters"
         self._set_layout(names, source)
+
+    def _module_of(self, p: torch.Tensor) -> str | None:
+        """The adapter module of parameter ``p`` by the name learnt for it (None: no name, or no adapter role)."""
+        name = self._names_seen.get(id(p))
+        if name is None:
+            return None
+        info = classify(name)
+        return info.module if info.role.family != "other" else None
 
     def _set_layout(self, names: dict[int, str], source: str) -> None:
         names = dict(names)
@@ -530,6 +540,8 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
         try:
             self.step_cache.clear()
             grad = self._binding.grad
+            for group in self.param_groups:
+                self._binding.gather(group)
             stepping = [(group, packs) for group, packs in zip(self.param_groups, visible)
                         if any(grad(p) is not None for pack in packs for p in pack.params)]
             for tech in self.TECHNIQUES:
@@ -542,9 +554,15 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
             for tech in self.TECHNIQUES:
                 if any(tech.enabled(group) for group, _ in stepping):
                     tech.finish(self)
+            for group, _ in stepping:
+                self._binding.write_back(group)
         finally:
             self._step_packs = None
         return loss
+
+    def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of a tensor packs train (``p.grad``, or its part of an engine's gradient partition)."""
+        return self._binding.grad(p)
 
     def _step_pack(self, pack: Pack, group: dict[str, Any]) -> None:
         grads = [self._binding.grad(p) for p in pack.params]

@@ -49,6 +49,10 @@ class Binding:
         self._fragments: dict[int, distributed.Fragment] = {}
         #: a group's tensors as members, by home index, when the engine's form of them was last examined
         self._expanded: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        #: replicas of tensors split between ranks, by home index (see engine/distributed.py)
+        self._exchanges: dict[int, list[distributed.Exchange]] = {}
+        #: the adapter module of a parameter (set by the optimizer from the names it learnt)
+        self.module_of: Callable[[torch.Tensor], str | None] = lambda p: None
 
     # -- groups ---------------------------------------------------------------------------------------------
     def home(self, group: dict[str, Any]) -> int:
@@ -79,6 +83,7 @@ class Binding:
         for old in cached[1] if cached is not None else ():
             self._fragments.pop(id(old), None)
         out: list[torch.Tensor] = []
+        exchanges: list[distributed.Exchange] = []
         origins = self._origins[index]
         known = {id(p) for p in origins}
         for p in group["params"]:
@@ -86,23 +91,41 @@ class Binding:
                 if p.requires_grad and p.numel():
                     out.append(p)
                 continue
-            fragments = distributed.fragments_of(p, origins, index)
-            if fragments is None:  # a tensor put in after construction, of no engine we know: itself
+            found = distributed.partition(p, origins, index, self.module_of)
+            if found is None:  # a tensor put in after construction, of no engine we know: itself
                 if p.requires_grad and p.numel():
                     out.append(p)
                 continue
             if not p.requires_grad:
                 continue
+            fragments, exchange = found
             for fragment in fragments:
-                member = fragment.view(p)
+                member = fragment.member()
                 self._fragments[id(member)] = fragment
                 out.append(member)
+            if exchange is not None:
+                exchanges.append(exchange)
         self._expanded[index] = (signature, out)
+        self._exchanges[index] = exchanges
         return out
+
+    def gather(self, group: dict[str, Any]) -> None:
+        """Before ``group`` steps: the whole values and gradients of its replicas (a collective: every rank steps
+        the same groups in the same order under the engines that make replicas)."""
+        for exchange in self._exchanges.get(self.home(group), ()):
+            exchange.gather()
+
+    def write_back(self, group: dict[str, Any]) -> None:
+        """After ``group`` stepped: this rank's parts of its replicas into the engine's partition."""
+        for exchange in self._exchanges.get(self.home(group), ()):
+            exchange.write_back()
 
     def all_members(self, groups: list[dict[str, Any]] | None = None) -> list[tuple[int, torch.Tensor]]:
         """(home index, member) of every trainable member of ``groups`` (default: every known group)."""
         return [(self.home(g), m) for g in (self.groups if groups is None else groups) for m in self.members(g)]
+
+    def fragments(self) -> list[distributed.Fragment]:
+        return list(self._fragments.values())
 
     def fragment(self, member: torch.Tensor) -> distributed.Fragment | None:
         return self._fragments.get(id(member))

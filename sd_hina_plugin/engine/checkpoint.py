@@ -3,8 +3,9 @@
 The format is torch.optim's (``{"state": {index: {key: tensor}}, "param_groups": [...]}``) plus a ``"hina"`` entry
 (format version, optimizer name, random generator states). State is keyed by the index of each tensor in
 ``param_groups``. Where an engine replaced a group's parameters by a flat partition (DeepSpeed ZeRO-1/2, see
-``engine/distributed.py``), the partition's entry holds ``{"hina.fragments": {start: {key: tensor}}}``: the state
-of each tensor cut from it, by its offset in the partition, so that the same layout loads it back exactly.
+``engine/distributed.py``), the partition's entry holds ``{"hina.fragments": {i: {key: tensor}}}``: the state of
+each tensor this rank trains from it, by the place ``i`` of its parameter in the group, so that the same number of
+ranks loads it back exactly.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Checkpointing:
                 if id(p) in index:  # (state of a tensor no group holds any more stays out, where torch would fail)
                     state[index[id(p)]] = real
             elif id(fragment.owner) in index:
-                state.setdefault(index[id(fragment.owner)], {}).setdefault(FRAGMENTS, {})[fragment.start] = real
+                state.setdefault(index[id(fragment.owner)], {}).setdefault(FRAGMENTS, {})[fragment.key] = real
         sd: dict[str, Any] = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
@@ -103,15 +104,14 @@ class Checkpointing:
                 raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
             p, group = id_map[sid]
             if FRAGMENTS in saved_state:
-                members = {f.start: m for m in self._binding.members(group)
+                members = {f.key: m for m in self._binding.members(group)
                            if (f := self._binding.fragment(m)) is not None and f.owner is p}
-                for start, entry in saved_state[FRAGMENTS].items():
-                    if start not in members:
+                for key, entry in saved_state[FRAGMENTS].items():
+                    if key not in members:
                         raise ValueError(
-                            f"{self.NAME}.load_state_dict: the checkpoint has state for a tensor at offset {start} of "
-                            f"parameter {sid}'s partition, which holds none here (was it saved with another number of "
-                            f"ranks or another partitioning?)")
-                    self._load_entry(members[start], f"{sid}@{start}", entry)
+                            f"{self.NAME}.load_state_dict: the checkpoint has state for parameter {key} of group {sid}'s "
+                            f"partition, which this rank does not train (was it saved with another number of ranks?)")
+                    self._load_entry(members[key], f"{key} of partition {sid}", entry)
             else:
                 self._load_entry(p, sid, saved_state)
         for dev, rng in meta.get("rng", {}).items():

@@ -1,43 +1,117 @@
 """Training engines that change the optimizer's parameters after it is built, in one place.
 
-**DeepSpeed ZeRO-1/2** (and DeepSpeed's bf16 optimizer) flatten each param group, give every rank one contiguous
-fp32 partition of it, and put that partition into the group in place of its parameters. Each model parameter then
-carries DeepSpeed's own map of where its elements went (``param._hp_mapping``: the range of the parameter the
-rank holds and where in the partition it lies). From that map the partition is cut back into views with the
-parameters' shapes, so shape-, name- and role-dependent techniques (CAME's factored moments, SinkGD, per-tensor
-norms, LoRA pairs) see the tensors they would see in one process. A parameter that straddles two ranks' partitions
-(at most two per group and rank) is trained as a 1-D tensor of its local part: its per-tensor, row and column
-statistics are those of that part.
+**DeepSpeed ZeRO-1/2** (and DeepSpeed's bf16 optimizer) flatten each param group's trainable parameters in order,
+give rank ``r`` the elements ``[r * P, (r + 1) * P)`` of that flat buffer as one fp32 partition of ``P`` elements,
+put the partition into the group in place of its parameters, and step one group at a time. Each model parameter
+carries DeepSpeed's own map of where its elements went (``param._hp_mapping``). From it the partition is cut back
+into tensors with the parameters' shapes, so shape-, name- and role-dependent techniques (CAME's factored moments,
+SinkGD, per-tensor norms, LoRA pairs) see the tensors they would see in one process:
+
+* a parameter wholly in this rank's partition, whose adapter module (its LoRA / LoKr / LoHa partners in the group)
+  is too, is a **view** of its range of the partition;
+* a parameter split between two ranks' partitions, or one whose adapter module lies on several ranks, is a
+  **replica**: every rank that holds part of it keeps the whole tensor, its values and gradient are summed from the
+  ranks' parts before the step (one ``all_reduce`` per group and step, over these few tensors only: at most a
+  module or two at each partition boundary), each such rank computes the same update for all of it, and writes its
+  own part back. Its state is kept, identically, on each of those ranks.
+
+Per tensor, per row and column and per LoRA pair, the result is that of one process. Statistics *across* tensors
+(AdaDecay's spread of gradient sizes, AdamW_HinaAdaptive's importance, C-Optim's context) are over the tensors of
+this rank's partition: a documented reduced form, said in one log line at the first step.
+
+Where DeepSpeed's map cannot be followed (a layout other than the plain one, e.g. round-robin gradients), split
+parameters are trained as 1-D tensors of their local part, and the log line says so.
 
 **ZeRO-3** partitions every parameter and steps sub-groups of a group one by one; it is refused with a clear error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 
 @dataclass
 class Fragment:
-    """A contiguous range of a flat partition ``owner`` standing for (part of) the model parameter ``source``."""
+    """What a member cut from a flat partition ``owner`` stands for: the model parameter ``source`` (number
+    ``index`` of its group), held as a view of ``owner[start:start + numel]`` (``kind="view"``), as a whole-tensor
+    replica (``"replica"``) or, where DeepSpeed's layout could not be followed, as a 1-D view of its local part
+    (``"part"``)."""
 
     owner: torch.Tensor
-    start: int
-    numel: int
-    shape: tuple[int, ...]
+    index: int
     source: torch.Tensor
-    #: whether the range is all of ``source`` (then ``shape`` is its shape), else a 1-D part of it
-    whole: bool
-    engine: str
+    kind: str
+    #: (start in the partition, start in the flattened source, numel) of each range of ``source`` this rank holds
+    ranges: list[tuple[int, int, int]]
+    engine: str = "DeepSpeed"
+    #: replicas: the whole tensor (the member) and its gradient, filled by :meth:`Exchange.gather`
+    value: torch.Tensor | None = None
+    grad_value: torch.Tensor | None = None
 
-    def view(self, owner: torch.Tensor) -> torch.Tensor:
-        return owner.detach().view(-1).narrow(0, self.start, self.numel).view(self.shape)
+    @property
+    def whole(self) -> bool:
+        return self.kind != "part"
+
+    @property
+    def key(self) -> int:
+        """The fragment's key in checkpoints: its parameter's place in the group."""
+        return self.index
+
+    def member(self) -> torch.Tensor:
+        if self.kind == "replica":
+            return self.value
+        start, _, numel = self.ranges[0]
+        shape = tuple(self.source.shape) if self.kind == "view" else (numel,)
+        return self.owner.detach().view(-1).narrow(0, start, numel).view(shape)
 
     def grad(self) -> torch.Tensor | None:
+        if self.kind == "replica":
+            return self.grad_value
         g = self.owner.grad
-        return None if g is None else g.view(-1).narrow(0, self.start, self.numel).view(self.shape)
+        if g is None:
+            return None
+        start, _, numel = self.ranges[0]
+        return g.view(-1).narrow(0, start, numel).view(tuple(self.source.shape) if self.kind == "view" else (numel,))
+
+
+@dataclass
+class Exchange:
+    """The replicas of one partition and the buffer their values and gradients are summed in across ranks."""
+
+    owner: torch.Tensor
+    #: (fragment or None where this rank holds none of it, offset in the buffer, numel) of every shared tensor
+    shared: list[tuple[Fragment | None, int, int]] = field(default_factory=list)
+    total: int = 0
+
+    def gather(self) -> None:
+        """Values and gradients of every replica: each rank puts in its own ranges, one all_reduce sums them."""
+        import torch.distributed as dist
+
+        grad = self.owner.grad
+        buf = torch.zeros(2 * self.total, dtype=self.owner.dtype, device=self.owner.device)
+        flat_owner = self.owner.detach().view(-1)
+        for fragment, offset, numel in self.shared:
+            for start, src, n in fragment.ranges if fragment is not None else ():
+                buf[offset + src:offset + src + n].copy_(flat_owner[start:start + n])
+                if grad is not None:
+                    buf[self.total + offset + src:self.total + offset + src + n].copy_(grad.view(-1)[start:start + n])
+        dist.all_reduce(buf)
+        for fragment, offset, numel in self.shared:
+            if fragment is not None:
+                fragment.value.view(-1).copy_(buf[offset:offset + numel])
+                fragment.grad_value = None if grad is None else buf[self.total + offset:self.total + offset + numel].view(fragment.value.shape)
+
+    def write_back(self) -> None:
+        """Each rank's ranges of the replicas' new values into its partition."""
+        flat_owner = self.owner.detach().view(-1)
+        for fragment, _, _ in self.shared:
+            if fragment is not None:
+                value = fragment.value.detach().view(-1)
+                for start, src, n in fragment.ranges:
+                    flat_owner[start:start + n].copy_(value[src:src + n])
 
 
 def _zero3_error(group_index: int) -> TypeError:
@@ -45,43 +119,106 @@ def _zero3_error(group_index: int) -> TypeError:
         f"param group {group_index} is partitioned by DeepSpeed ZeRO stage 3, which these optimizers do not support: "
         "it steps parts of a group one after another (so the group's step count, which drives phases and bias "
         "corrections, would count each part) and splits every tensor between ranks. Use ZeRO stage 1 or 2 "
-        "(kohya: --zero_stage 2; per-element results equal one process), or FSDP2.")
+        "(kohya: --zero_stage 2; per-tensor results equal one process), or FSDP2.")
 
 
-def fragments_of(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int) -> list[Fragment] | None:
-    """The fragments of ``flat`` that DeepSpeed's partition map (``_hp_mapping`` of the group's original
-    parameters ``origins``) places in it, in partition order; None when ``flat`` is no partition we know."""
+def _world() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def partition(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int,
+              module_of: Callable[[torch.Tensor], str | None]) -> tuple[list[Fragment], Exchange | None] | None:
+    """The fragments of ``flat`` (a partition DeepSpeed made of the group built with ``origins``), in partition order,
+    and the exchange of its replicas; None when ``flat`` is no partition we know. ``module_of(parameter)`` names
+    the adapter module of a parameter (None for others)."""
     if any(hasattr(p, "ds_id") for p in origins):
         raise _zero3_error(group_index)
     storage = flat.untyped_storage().data_ptr()
-    out: list[Fragment] = []
-    for p in origins:
+    local: dict[int, tuple[int, int, int]] = {}  # origin index -> (start in flat, start in origin, numel)
+    for i, p in enumerate(origins):
         mapping = getattr(p, "_hp_mapping", None)
         hp = getattr(mapping, "hp_fragment", None)
-        if hp is None or hp.untyped_storage().data_ptr() != storage:
-            continue
-        numel = hp.numel()
-        whole = mapping.lp_fragment_address.start == 0 and numel == p.numel()
-        shape = tuple(p.shape) if whole else (numel,)
-        out.append(Fragment(flat, hp.storage_offset() - flat.storage_offset(), numel, shape, p, whole, "DeepSpeed"))
-    if not out:
+        if hp is not None and hp.untyped_storage().data_ptr() == storage:
+            local[i] = (hp.storage_offset() - flat.storage_offset(), mapping.lp_fragment_address.start, hp.numel())
+    if not local:
         return None
-    out.sort(key=lambda f: f.start)
-    return out
+    holders = _holders(flat, origins, local)
+    if holders is None:  # a layout we cannot follow: split parameters as 1-D parts
+        fragments = [Fragment(flat, i, origins[i], "view" if r[1] == 0 and r[2] == origins[i].numel() else "part", [r])
+                     for i, r in local.items()]
+        return sorted(fragments, key=lambda f: f.ranges[0][0]), None
+    # shared: split between ranks, or in an adapter module (within the group) whose tensors lie on several ranks;
+    # every rank holding part of any tensor of such a module keeps all of the module, so that pairs stay whole
+    spread: dict[str, set[int]] = {}
+    for i, p in enumerate(origins):
+        key = module_of(p)
+        if key is not None:
+            spread.setdefault(key, set()).update(holders[i])
+    participants = [spread[module_of(p)] if module_of(p) is not None else holders[i] for i, p in enumerate(origins)]
+    shared = [i for i, p in enumerate(origins) if p.requires_grad and len(participants[i]) > 1]
+    rank = torch.distributed.get_rank()
+    exchange = Exchange(flat)
+    fragments = []
+    for i in shared:
+        fragment = None
+        if rank in participants[i]:
+            # until the first gather: the model's copy (whole on every rank), this rank's range from the partition
+            value = origins[i].detach().to(flat.dtype, copy=True)
+            ranges = [local[i]] if i in local else []
+            for start, src, n in ranges:
+                value.view(-1)[src:src + n].copy_(flat.detach().view(-1)[start:start + n])
+            fragment = Fragment(flat, i, origins[i], "replica", ranges, value=value)
+            fragments.append(fragment)
+        exchange.shared.append((fragment, exchange.total, origins[i].numel()))
+        exchange.total += origins[i].numel()
+    fragments += [Fragment(flat, i, origins[i], "view", [r]) for i, r in local.items() if i not in set(shared)]
+    fragments.sort(key=lambda f: (f.ranges[0][0] if f.ranges else flat.numel(), f.index))
+    return fragments, exchange if exchange.shared else None
+
+
+def _holders(flat: torch.Tensor, origins: list[torch.Tensor], local: dict[int, tuple[int, int, int]]) -> list[set[int]] | None:
+    """The ranks holding part of each origin, from DeepSpeed's plain layout (the group's trainable parameters in
+    order, partitions of ``flat.numel()`` elements); None unless every range DeepSpeed mapped here agrees with it."""
+    world = _world()
+    if world is None:
+        return None
+    rank, size = world
+    psize = flat.numel()
+    out: list[set[int]] = []
+    offset = 0
+    for i, p in enumerate(origins):
+        if not p.requires_grad:
+            out.append(set())
+            continue
+        n = p.numel()
+        first, last = offset // psize, (offset + n - 1) // psize if n else offset // psize
+        out.append(set(range(first, min(last, size - 1) + 1)) if n else set())
+        if rank in out[-1] or i in local:
+            start = max(offset, rank * psize)
+            expected = (start - rank * psize, start - offset, min(offset + n, (rank + 1) * psize) - start)
+            if local.get(i) != expected:
+                return None
+        offset += n
+    return out if offset <= psize * size else None
 
 
 def describe(fragments: list[Fragment]) -> str | None:
-    """One line: how many tensors this rank trains whole and how many split, or None without an engine."""
+    """One line: how this rank trains the tensors of the engine's partitions (None without an engine)."""
     if not fragments:
         return None
-    whole = sum(f.whole for f in fragments)
-    split = len(fragments) - whole
-    elements = sum(f.numel for f in fragments)
     engine = fragments[0].engine
-    line = (f"{engine}: this rank trains {whole} tensors whole ({elements:,} elements in all, shapes and names recovered "
-            f"from {engine}'s partition map, so per-tensor, row/column and LoRA-pair statistics are those of one process)")
-    if split:
-        line += (f" and {split} split between ranks, each trained as a 1-D tensor of its local part (per-tensor "
-                 f"statistics of that part; per-element math unchanged)")
-    return line + "; statistics across tensors (importance, C-Optim context, AdaDecay) are over this rank's tensors"
+    views = sum(f.kind == "view" for f in fragments)
+    replicas = sum(f.kind == "replica" for f in fragments)
+    parts = sum(f.kind == "part" for f in fragments)
+    line = (f"{engine}: this rank trains {views} tensors as views of its partition and {replicas} whole copies of "
+            f"tensors split between ranks or in a LoRA/LoKr module spread over ranks (shapes and names from "
+            f"{engine}'s partition map: per-tensor, row/column and pair statistics as in one process)")
+    if parts:
+        line += (f"; {parts} split tensors in a layout that could not be followed are trained as 1-D tensors of their "
+                 f"local part (per-tensor statistics of that part)")
+    return line + "; statistics across tensors (AdaDecay, importance, C-Optim context) are over this rank's tensors"
 

@@ -326,11 +326,11 @@ class Pack:
 
 def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: callable,
                tag: callable = lambda p: ()) -> list[Pack]:
-    """Split a group's trainable parameters into packs by (device, dtype, 8-bit or not, technique tags),
-    sorted by shape."""
+    """Split a group's trainable tensors (see engine/binding.py: which tensors those are is decided there) into packs
+    by (device, dtype, 8-bit or not, technique tags), sorted by shape."""
     keyed: dict[tuple, list[torch.nn.Parameter]] = {}
     for p in params:
-        if not p.requires_grad or p.numel() == 0:
+        if p.numel() == 0:
             continue
         keyed.setdefault((str(p.device), p.dtype, bool(quantize(p)), tag(p)), []).append(p)
     packs = []

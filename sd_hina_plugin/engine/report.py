@@ -142,6 +142,7 @@ class Reporting:
             "scratch_bytes": self._pool.nbytes(),
             "packs": [len(p) for p in self._packs] if self._packs is not None else None,
             "compile": compiled_summary(self._compiled),
+            "distributed": self._binding.describe(),
             "lora": self._lora_info(diag),
             "notes": self.notes(),
             # the upstream fork's keys, for monitoring code written against it

@@ -86,7 +86,7 @@ class AdaptiveImportance(Technique):
                 values = opt.per_tensor(key)[1]
                 contribution.add_(values / values.mean().clamp_min(1e-30), alpha=weight)
             updated = importance * decay + contribution * (1.0 - decay)
-            present = [p.grad is not None for pack in packs for p in pack.params]
+            present = [opt.grad_of(p) is not None for pack in packs for p in pack.params]
             if all(present):
                 importance = updated
             else:  # tensors without a gradient this step keep their importance

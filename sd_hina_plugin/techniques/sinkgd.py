@@ -210,10 +210,10 @@ class AdaptiveWeightDecay(Technique):
                 continue
             packs = opt._packs[gi]
             params = [p for pack in packs for p in pack.params]
-            present = [p.grad is not None for p in params]
+            present = [opt.grad_of(p) is not None for p in params]
             if not any(present):
                 continue
-            grads = [p.grad for p, ok in zip(params, present) if ok]
+            grads = [opt.grad_of(p) for p, ok in zip(params, present) if ok]
             numels = torch.cat([pack.numels() for pack in packs])  # pack order, as ``params``
             if not all(present):
                 index = opt.host_values(f"adadecay.present.{gi}", [i for i, ok in enumerate(present) if ok], numels.device)

@@ -31,13 +31,13 @@ def test_buckets_view_same_shape_params_without_copy():
         assert torch.equal(pack.views(flat)[index], 2 * members[0].detach())
 
 
-def test_plan_splits_by_dtype_and_precision_and_skips_frozen():
+def test_plan_splits_by_dtype_and_precision_and_skips_empty():
+    # (which tensors are trainable is the binding's decision: frozen parameters never reach plan_packs)
     a = torch.nn.Parameter(torch.randn(8))
     b = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     c = torch.nn.Parameter(torch.randn(5000))
-    d = torch.nn.Parameter(torch.randn(4), requires_grad=False)
     e = torch.nn.Parameter(torch.randn(0))
-    packs = plan_packs(0, [a, b, c, d, e], lambda p: p.numel() >= 4096)
+    packs = plan_packs(0, [a, b, c, e], lambda p: p.numel() >= 4096)
     keyed = {(pk.dtype, pk.quantized): [id(p) for p in pk.params] for pk in packs}
     assert keyed == {(torch.float32, False): [id(a)], (torch.bfloat16, False): [id(b)], (torch.float32, True): [id(c)]}
     quantized = next(pk for pk in packs if pk.quantized)
