@@ -213,7 +213,12 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
             listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
             more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
             allowed = "/".join(str(d).replace("torch.", "") for d in self.PARAM_DTYPES)
-            raise TypeError(f"{self.NAME} needs {allowed} parameters; got {listed}{more}. {self.OTHER_DTYPES_HINT}".strip())
+            hint = self.OTHER_DTYPES_HINT
+            if members is not None and any(self._binding.fragment(m) is not None for m in members):
+                hint = (f"{self._binding.fragments()[0].engine} keeps fp32 master copies of the weights and steps the "
+                        f"optimizer on them, whatever the model's dtype; use an optimizer for fp32 weights "
+                        f"(AdamW_HinaAdaptive is this one's).")
+            raise TypeError(f"{self.NAME} needs {allowed} parameters; got {listed}{more}. {hint}".strip())
 
     def _check_setup(self) -> None:
         """Reject parameter/argument combinations that cannot work (subclasses may add checks)."""

@@ -72,6 +72,11 @@ class Technique:
     #: ``Pack.spread_cols``): ``"rows"``, ``"cols"``; their index tensors are built before the graph
     spreads: ClassVar[tuple[str, ...]] = ()
 
+    #: whether the technique computes statistics over the tensors of several param groups (importance, C-Optim's
+    #: context): then stepping groups one at a time (DeepSpeed) or on separate ranks gives a nearby, not the same,
+    #: result (see docs/multi_gpu.md)
+    spans_groups: ClassVar[bool] = False
+
     #: an optional bool field that switches the technique on (or off, with ``switch_on=False``)
     switch: Field | None = None
     switch_on: bool = True

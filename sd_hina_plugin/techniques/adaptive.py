@@ -61,6 +61,7 @@ _SIDES = {
 
 
 class AdaptiveImportance(Technique):
+    spans_groups = True
     name = "adaptive_importance"
     stage = "scale"
     fields = (STRENGTH, INTERVAL, DECAY, THRESHOLD)

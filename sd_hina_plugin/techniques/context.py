@@ -203,6 +203,7 @@ class Context:
 class ContextProbe(Technique):
     """Stage ``moments``, before the momentum update: this pack's sums for the context."""
 
+    spans_groups = True
     name = "context_probe"
     stage = "moments"
     fields = (CONTEXT_WINDOW, EDGE_THRESHOLD, ADAPTATION_RATE, MOMENTUM_SCALES)
@@ -226,6 +227,7 @@ class ContextProbe(Technique):
 class ContextScale(Technique):
     """Stage ``scale``: the update times the contextual lr multiplier."""
 
+    spans_groups = True
     name = "context_scale"
     stage = "scale"
     summary = "COptim: update times the contextual lr multiplier (2^(consistency + loss trend), halved on edge cases, smoothed)"

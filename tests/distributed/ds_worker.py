@@ -90,14 +90,16 @@ def single(name: str, steps: int, args: list[str]) -> dict[str, torch.Tensor]:
     return trained(model)
 
 
-def zero(name: str, steps: int, args: list[str], stage: int, save: str | None, load: str | None) -> tuple[dict, dict]:
+def zero(name: str, steps: int, args: list[str], stage: int, save: str | None, load: str | None,
+         bf16: bool = False) -> tuple[dict, dict]:
     import deepspeed
 
     rank = int(os.environ["RANK"])
-    model = Model()
+    model = Model().to(torch.bfloat16 if bf16 else torch.float32)
     opt = build(name, model, args)
     config = {"train_batch_size": BATCH // 2 * int(os.environ["WORLD_SIZE"]), "train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+              "bf16": {"enabled": bf16}}
     engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     start = 0
     if load:
@@ -106,7 +108,7 @@ def zero(name: str, steps: int, args: list[str], stage: int, save: str | None, l
     for step in range(start, steps):
         x, y = batch(step)
         part = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-        loss = torch.nn.functional.mse_loss(engine(x[part]), y[part])
+        loss = torch.nn.functional.mse_loss(engine(x[part].to(model.unet_scale.dtype)).float(), y[part])
         engine.backward(loss)
         engine.step()
         if save and step + 1 == steps // 2:
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--single", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="a bf16 model with DeepSpeed's bf16 setting")
     parser.add_argument("--save")
     parser.add_argument("--load")
     parser.add_argument("--out", required=True)
@@ -136,7 +139,7 @@ def main() -> None:
             if opts.single:
                 results[name] = single(name, opts.steps, args)
             else:
-                results[name], meta[name] = zero(name, opts.steps, args, opts.stage, opts.save, opts.load)
+                results[name], meta[name] = zero(name, opts.steps, args, opts.stage, opts.save, opts.load, opts.bf16)
         except Exception as error:  # reported to the test, which decides whether it was expected
             meta[name] = {"error": f"{type(error).__name__}: {error}"}
     if opts.single or int(os.environ.get("RANK", "0")) == 0:
