@@ -37,6 +37,7 @@ from ..lora.layout import LoraLayout
 from ..lora.names import classify
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
+from . import distributed
 from .binding import Binding
 from .checkpoint import FORMAT_VERSION, Checkpointing
 from .compiled import CompiledSteps, run_chain
@@ -186,11 +187,7 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
         # starts after construction, never moves it; torch's schedulers record the same value as initial_lr)
         group.setdefault("hina_lr0", float(group["lr"]))
         for j, p in enumerate(group["params"]):
-            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-                raise TypeError(
-                    f"{self.NAME}: parameter {j} of group {index} is a DTensor (FSDP2 / tensor parallel). Sharded parameters "
-                    f"are not supported yet: per-tensor statistics (norms, row norms, SPD, importance) would need "
-                    f"reductions across shards. Use DistributedDataParallel (tested) or train unsharded.")
+            distributed.refuse_unsupported(p, f"{self.NAME}: parameter {j} of group {index}")
             if p.is_complex():
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
             if not p.is_floating_point():

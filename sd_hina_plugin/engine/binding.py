@@ -91,6 +91,7 @@ class Binding:
                 if p.requires_grad and p.numel():
                     out.append(p)
                 continue
+            distributed.refuse_unsupported(p, f"a parameter put into param group {index} after construction")
             found = distributed.partition(p, origins, index, self.module_of)
             if found is None:  # a tensor put in after construction, of no engine we know: itself
                 if p.requires_grad and p.numel():

@@ -200,6 +200,28 @@ def test_fsdp2_dtensor_parameters_are_rejected_clearly(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fsdp2_parameters_switched_in_after_construction_are_rejected_clearly(tmp_path):
+    """accelerate's order: the optimizer is built on the original parameters, then accelerate's own
+    fsdp2_switch_optimizer_parameters puts the sharded ones into its groups. The first step says why it cannot train
+    them (it used to fail inside a foreach op, 'mixed torch.Tensor and DTensor')."""
+    import torch.distributed as dist
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        opt = HinaAdamWCore(model.parameters())
+        originals = {p.data_ptr: p for p in model.parameters()}
+        fully_shard(model)
+        fsdp2_switch_optimizer_parameters(opt, {ptr: p for ptr, p in zip(originals, model.parameters())})
+        model(torch.randn(2, 8)).sum().backward()
+        with pytest.raises(TypeError, match="put into param group 0 after construction is a DTensor \\(FSDP2"):
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_add_param_group_after_steps_keeps_existing_state(spec):
     # seeded, and lr 1e-2: at 1e-3 the new group's two updates (its first step only initialises ADOPT's v)
