@@ -8,36 +8,126 @@ from pathlib import Path
 from typing import Sequence
 
 from . import registry
-from .config import kohya_literal, load_preset
+from .config import _suggest, kohya_literal, read_kohya_toml
 
 
-def check_config_file(path: str | Path) -> tuple[str, list[str]]:
-    """Validate a preset or a user's kohya ``--config_file``: the optimizer type resolves and every
-    ``optimizer_args`` entry parses the way kohya parses it and is a valid argument. Returns (summary, errors)."""
-    try:
-        preset = load_preset(path)
-        spec = registry.resolve(preset["optimizer_type"])
-    except (ValueError, TypeError, OSError) as exc:
-        return "", [str(exc)]
-    errors = []
-    if not preset["optimizer_type"].startswith("sd_hina_plugin."):
-        errors.append(f"optimizer_type {preset['optimizer_type']!r}: unmodified kohya needs the dotted form "
-                      f"'sd_hina_plugin.{spec.name}' (short names work only with the sd-hina-train launcher)")
-    kwargs = {}
-    for item in preset["optimizer_args"]:
+def kohya_optimizer_type(value: object) -> tuple[registry.OptimizerSpec | None, str | None]:
+    """(the optimizer, an error or None) for an ``optimizer_type`` as unmodified kohya resolves it: a dotted
+    ``module.Name`` is imported and ``Name`` looked up with ``getattr``, case-sensitively. The spec is also
+    returned with an error where the name is ours in another spelling, so its arguments can still be checked."""
+    if not isinstance(value, str) or not value.strip():
+        return None, f"optimizer_type = {value!r}: expected the name of an optimizer, e.g. 'sd_hina_plugin.HinaAdamWOptimizer'"
+    if "." not in value:
         try:
-            key, value = kohya_literal(item, spec.name)
-            kwargs[key] = value
+            spec = registry.resolve(value)
         except ValueError as exc:
-            errors.append(str(exc))
+            return None, f"optimizer_type: {exc}"
+        return spec, (f"optimizer_type {value!r}: unmodified kohya needs the dotted form 'sd_hina_plugin.{spec.name}' "
+                      f"(short names work only with the sd-hina-train launcher)")
+    module, _, name = value.rpartition(".")
     try:
-        config = spec.config.from_kwargs(kwargs)
-    except (ValueError, TypeError) as exc:
-        errors.append(str(exc))
-        config = None
-    summary = f"{spec.name}: " + (", ".join(config.to_strings(only_changed=True)) or "defaults") if config else spec.name
-    if "learning_rate" in preset:
-        summary += f"; learning_rate={preset['learning_rate']}"
+        guess = registry.resolve(name)  # any case, aliases: what the user most likely meant
+    except ValueError:
+        guess = None
+    if module.split(".")[0] != "sd_hina_plugin":
+        hint = f"; this package's is 'sd_hina_plugin.{guess.name}'" if guess and module.lower().startswith("sd_hina") else ""
+        return None, f"optimizer_type {value!r} is not an sd_hina_plugin optimizer{hint}"
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        found = None
+    spec = next((s for s in registry.specs() if s.cls is found), None)
+    if spec is not None:
+        return spec, None
+    if guess is not None:
+        hint = f" (did you mean 'sd_hina_plugin.{guess.name}'?)"
+    else:
+        names = {n for s in registry.specs() for n in (s.name, *s.aliases)}
+        hint = _suggest(name, names).replace("'", "'sd_hina_plugin.", 1)
+    return guess, (f"optimizer_type {value!r}: kohya imports {module!r} and looks up {name!r} with getattr, "
+                   f"case-sensitively, and finds no optimizer of that name{hint}")
+
+
+def check_config_file(path: str | Path, sd_scripts: str | Path | None = None) -> tuple[str, list[str]]:
+    """Validate a preset or a user's kohya ``--config_file`` the way kohya reads it: every key is one kohya knows
+    (keys from an sd-scripts checkout, else the shipped list), ``optimizer_type`` resolves exactly as kohya
+    resolves it, ``learning_rate`` is a positive number, and every ``optimizer_args`` entry parses as kohya
+    parses it and is a valid argument. Returns (summary, every error found)."""
+    from .kohya.config_keys import known_keys
+
+    try:
+        flat = read_kohya_toml(path)
+    except (ValueError, OSError) as exc:
+        return "", [str(exc)]
+    errors: list[str] = []
+
+    spec = None
+    if "optimizer_type" not in flat:
+        errors.append("no 'optimizer_type' key")
+    else:
+        spec, problem = kohya_optimizer_type(flat["optimizer_type"])
+        if problem:
+            errors.append(problem)
+    owner = spec.name if spec else "optimizer_args"
+
+    lr = flat.get("learning_rate")
+    if "learning_rate" in flat:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            errors.append(f"learning_rate = {lr!r}: expected a number")
+            lr = None
+        elif not lr > 0:
+            errors.append(f"learning_rate = {lr!r}: must be greater than 0 (kohya passes it as the optimizer's lr)")
+            lr = None
+
+    items = flat.get("optimizer_args", [])
+    if isinstance(items, str) or not isinstance(items, list):
+        errors.append("'optimizer_args' must be an array of strings such as [\"weight_decay=0.01\"] "
+                      "(kohya iterates a plain string character by character)")
+        items = []
+    kwargs: dict = {}
+    for item in items:
+        try:
+            key, value = kohya_literal(item, owner)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+            continue
+        if key in kwargs:
+            errors.append(f"{owner}: argument {key!r} given twice in optimizer_args (kohya keeps the last)")
+        if key == "lr":
+            errors.append(f"{owner}: 'lr' in optimizer_args: kohya also passes learning_rate as lr, so the optimizer "
+                          f"would get lr twice; set learning_rate instead")
+            continue
+        kwargs[key] = value
+    config = None
+    if spec is not None:
+        arg_errors = []
+        for key, value in kwargs.items():
+            try:
+                spec.config.from_kwargs({key: value})
+            except (ValueError, TypeError) as exc:
+                arg_errors.append(str(exc))
+        if lr is not None:
+            try:
+                spec.config.from_kwargs({"lr": lr})
+            except (ValueError, TypeError) as exc:
+                arg_errors.append(f"learning_rate: {exc}")
+        errors += arg_errors
+        if not arg_errors:
+            config = spec.config.from_kwargs(kwargs)
+
+    keys, source = known_keys(sd_scripts)
+    for key in flat:
+        if key not in keys:
+            errors.append(f"unknown key {key!r}{_suggest(key, keys)}: kohya does not read it and would silently use "
+                          f"its default instead (keys read from {source})")
+
+    summary = spec.name if spec else ""
+    if config is not None:
+        summary += ": " + (", ".join(config.to_strings(only_changed=True)) or "defaults")
+    if "learning_rate" in flat:
+        summary += f"; learning_rate={flat['learning_rate']}"
     return summary, errors
 
 
@@ -72,7 +162,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
-        summary, errors = check_config_file(path)
+        summary, errors = check_config_file(path, args.sd_scripts)
         if errors:
             status = 1
             print(f"{path}: INVALID")
@@ -125,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="every argument of an optimizer: type, default, allowed range, help")
     show.add_argument("name")
     show.set_defaults(func=_cmd_show)
-    validate = sub.add_parser("validate", help="check presets or kohya --config_file TOML files")
+    validate = sub.add_parser("validate", help="check presets or kohya --config_file TOML files as kohya reads them")
     validate.add_argument("files", nargs="+")
+    validate.add_argument("--sd-scripts", help="sd-scripts checkout whose parsers give the keys kohya knows (default: "
+                          "$SD_SCRIPTS_DIR, else ../shared/sd-scripts, else the list shipped with this package)")
     validate.set_defaults(func=_cmd_validate)
     bench = sub.add_parser("bench", help="LoRA/LoKr fine-tuning and classic benchmark tasks on the CPU: table, plots, TensorBoard")
     bench.add_argument("--task", action="append", help="task name (repeatable); default: all")

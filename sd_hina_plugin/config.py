@@ -4,8 +4,11 @@ Every optimizer argument is a :class:`Field` declared by the technique that uses
 config class is a dataclass built from the fields of its techniques (:func:`make_config`). Values arrive in
 three forms and all end up validated by the same code:
 
-* typed keyword arguments, as kohya hands them after ``ast.literal_eval`` (``True``, ``0.9``, ``(0.9, 0.99)``);
-* ``key=value`` strings from other front ends (``"use_spd=true"``, ``"betas=0.9,0.99"``, values with ``=``);
+* typed keyword arguments, as kohya hands them after ``ast.literal_eval`` (``True``, ``0.9``, ``(0.9, 0.99)``).
+  A string is accepted only by a string argument: ``lr="1e-4"`` or ``use_grams="no"`` is a TypeError;
+* ``key=value`` strings (``create_optimizer(args=[...])``, :meth:`ConfigBase.from_strings`), read exactly as
+  kohya's ``get_optimizer`` reads ``--optimizer_args``: split on ``=``, the value through ``ast.literal_eval``
+  (``"use_spd=True"``, ``"betas=0.9,0.99"``, ``"low_precision_update='kahan'"``), so what works here works in kohya;
 * TOML presets that are valid kohya ``--config_file`` fragments (:func:`load_preset`).
 
 Every rejection is a ``TypeError`` (wrong type) or ``ValueError`` (wrong value, unknown name) whose message
@@ -22,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
-_TRUE = {"true", "1", "yes", "on", "y", "t"}
-_FALSE = {"false", "0", "no", "off", "n", "f"}
 _KINDS = ("float", "int", "bool", "str", "floats", "ints")
 
 
@@ -81,19 +82,18 @@ class Field:
     def coerce(self, value: Any, owner: str = "optimizer") -> Any:
         """Return ``value`` converted to this field's type, or raise a clear TypeError/ValueError."""
         where = f"{owner}: argument {self.name!r} = {value!r}"
-        if isinstance(value, str) and self.kind not in ("str",):
-            value = _parse_text(value)
-            if self.optional and isinstance(value, str) and value.lower() == "none":
-                value = None
         if value is None and self.optional:
             return None
+        if isinstance(value, str) and self.kind != "str":
+            # text is read only where it is text: 'key=value' items, as kohya reads them (from_strings)
+            raise TypeError(f"{where} (str): expected {self.range_text()}, not a string; pass the value itself "
+                            f"(e.g. {self.name}={self.to_text(self.default)}), or give text as a 'key=value' item "
+                            f"(args=[...], kohya's --optimizer_args)")
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
-            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-                return value.strip().lower() in _TRUE
             raise TypeError(f"{where} ({type(value).__name__}): expected True or False")
         if self.kind == "float":
             number = self._number(value, where)
@@ -171,7 +171,8 @@ class Field:
 
 
 def _parse_text(text: str) -> Any:
-    """Read a value the way kohya does (``ast.literal_eval``), keeping bare words as strings."""
+    """``ast.literal_eval``, keeping bare words as strings: the values of ``sd-hina bench --optimizer NAME:k=v``
+    specs (``sinkgd_momentum=grams``). Optimizer arguments given as text are read by :func:`kohya_literal`."""
     stripped = text.strip()
     try:
         return ast.literal_eval(stripped)
@@ -185,16 +186,6 @@ def _suggest(word: str, candidates: Iterable[str]) -> str:
         lowered = {c.lower(): c for c in candidates}
         close = [lowered[word.lower()]] if word.lower() in lowered else []
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def split_arg(item: str, owner: str = "optimizer") -> tuple[str, str]:
-    """Split one ``key=value`` string on its first ``=``; spaces around both parts are ignored."""
-    if not isinstance(item, str):
-        raise TypeError(f"{owner}: optimizer argument {item!r} ({type(item).__name__}): expected a 'key=value' string")
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"{owner}: optimizer argument {item!r}: expected the form 'key=value'")
-    return key.strip(), value
 
 
 class ConfigBase:
@@ -229,15 +220,21 @@ class ConfigBase:
 
     @classmethod
     def from_strings(cls, items: Iterable[str] | str) -> "ConfigBase":
+        """``key=value`` items read exactly as kohya reads ``--optimizer_args`` (:func:`kohya_literal`)."""
+        return cls.from_kwargs(cls.parse_strings(items))
+
+    @classmethod
+    def parse_strings(cls, items: Iterable[str] | str) -> dict[str, Any]:
+        """The keyword arguments kohya would pass for these ``key=value`` items (not validated yet)."""
         if isinstance(items, str):
             items = [items]
         values: dict[str, Any] = {}
         for item in items:
-            key, raw = split_arg(item, cls.OWNER)
+            key, value = kohya_literal(item, cls.OWNER)
             if key in values:
                 raise ValueError(f"{cls.OWNER}: argument {key!r} given twice")
-            values[key] = _parse_text(raw)
-        return cls.from_kwargs(values)
+            values[key] = value
+        return values
 
     @classmethod
     def from_any(cls, args: Mapping[str, Any] | Iterable[str] | str | None) -> "ConfigBase":
@@ -285,18 +282,20 @@ def make_config(owner: str, fields: Iterable[Field], class_name: str | None = No
 PRESET_KEYS = ("optimizer_type", "optimizer_args", "learning_rate")
 
 
-def _flatten(table: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
-    """kohya's read_config_from_file ignores section names: every table's keys land in one namespace."""
+def _flatten(table: Mapping[str, Any]) -> dict[str, Any]:
+    """As kohya's read_config_from_file: the top-level tables' keys land in one namespace, section names ignored
+    (one level: a table inside a table stays a value of its key)."""
+    out: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, Mapping):
-            _flatten(value, out)
+            out.update(value)
         else:
             out[key] = value
     return out
 
 
-def load_preset(path: str | Path) -> dict[str, Any]:
-    """Read a kohya ``--config_file`` TOML and return its optimizer keys, flattened as kohya does."""
+def read_kohya_toml(path: str | Path) -> dict[str, Any]:
+    """A kohya ``--config_file`` TOML as kohya reads it: every key of every section in one flat dict."""
     import toml
 
     path = Path(path)
@@ -304,7 +303,13 @@ def load_preset(path: str | Path) -> dict[str, Any]:
         data = toml.load(path)
     except toml.TomlDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    flat = _flatten(data, {})
+    return _flatten(data)
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a kohya ``--config_file`` TOML and return its optimizer keys, flattened as kohya does."""
+    path = Path(path)
+    flat = read_kohya_toml(path)
     found = {key: flat[key] for key in PRESET_KEYS if key in flat}
     if "optimizer_type" not in found:
         raise ValueError(f"{path}: no 'optimizer_type' key")
@@ -321,18 +326,29 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 
 
 def kohya_literal(item: str, owner: str = "optimizer") -> tuple[str, Any]:
-    """Parse one optimizer arg exactly as kohya's get_optimizer does, with its error turned into ours."""
+    """Parse one optimizer arg exactly as kohya's get_optimizer does (``key, value = arg.split("=")``, then
+    ``ast.literal_eval(value)``), with its failures turned into messages that say what to write."""
+    if not isinstance(item, str):
+        raise TypeError(f"{owner}: optimizer argument {item!r} ({type(item).__name__}): expected a 'key=value' string")
     key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"{owner}: {item!r}: missing '='; each optimizer argument is 'key=value' "
+                         f"(write {item.strip() or 'name'}=<value>)")
+    if not key.strip():
+        raise ValueError(f"{owner}: {item!r}: no name before '='; each optimizer argument is 'key=value'")
     if "=" in value:
         raise ValueError(f"{owner}: {item!r}: kohya splits on every '=', so a value may not contain '='")
     if key != key.strip():
         raise ValueError(f"{owner}: {item!r}: kohya keeps spaces around the key; write {key.strip()}=...")
+    if not value.strip():
+        raise ValueError(f"{owner}: {item!r}: no value after '='")
     try:
         return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError) as exc:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
         word = value.strip()
-        if word.lower() in _TRUE | _FALSE:  # a boolean written in lower case: say how to write it, not to quote it
-            fix = f"write booleans as True/False ({key}={word.lower() in _TRUE})"
+        if word.lower() in ("true", "false"):  # a boolean in lower case: say how to write it, not to quote it
+            fix = f"write booleans as True/False ({key}={word.lower() == 'true'})"
         else:
             fix = f"quote strings ({key}='{word}')"
-        raise ValueError(f"{owner}: {item!r}: kohya reads values with ast.literal_eval; {fix}") from exc
+        raise ValueError(f"{owner}: {item!r}: kohya reads values with ast.literal_eval, which cannot read "
+                         f"{word!r}; {fix}") from exc

@@ -81,15 +81,20 @@ def list_optimizers() -> list[dict[str, Any]]:
 
 def create_optimizer(name: str, params: Any, lr: float | None = None,
                      args: Mapping[str, Any] | Iterable[str] | str | None = None, **kwargs: Any):
-    """Build a registered optimizer. ``args`` is a dict or a list of ``key=value`` strings (kohya style)."""
+    """Build a registered optimizer. ``args`` is a dict of typed values or a list of ``key=value`` strings,
+    read exactly as kohya reads ``--optimizer_args`` (``ast.literal_eval``: ``use_grams=True``,
+    ``low_precision_update='kahan'``). An argument given twice (``lr=`` and ``args=["lr=..."]``) is an error."""
     spec = resolve(name)
-    values = spec.config.from_any(args).as_dict() if args is not None else {}
-    if args is not None:
-        given = args.keys() if isinstance(args, Mapping) else [a.partition("=")[0].strip() for a in ([args] if isinstance(args, str) else args)]
-        values = {k: values[k] for k in given}
-    overlap = set(values) & set(kwargs)
+    if args is None:
+        values: dict[str, Any] = {}
+    elif isinstance(args, Mapping):
+        values = dict(args)
+    else:
+        values = spec.config.parse_strings(args)
+    spec.config.check_names(values)
+    overlap = set(values) & (set(kwargs) | ({"lr"} if lr is not None else set()))
     if overlap:
-        raise ValueError(f"{spec.name}: {sorted(overlap)} given both in args and as keyword arguments")
+        raise ValueError(f"{spec.name}: {sorted(overlap)} given both in args and as keyword arguments; give each once")
     values.update(kwargs)
     if lr is not None:
         values["lr"] = lr

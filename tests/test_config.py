@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sd_hina_plugin import registry
-from sd_hina_plugin.config import Field, kohya_literal, make_config, split_arg
+from sd_hina_plugin.config import Field, kohya_literal, make_config
 
 Demo = make_config("Demo", [
     Field("lr", "float", 1e-3, "learning rate", low=0.0),
@@ -21,26 +21,50 @@ Demo = make_config("Demo", [
 
 
 @pytest.mark.parametrize("item, key, value", [
-    ("use_x=true", "use_x", True),
+    ("use_x=True", "use_x", True),
     ("use_x=False", "use_x", False),
-    ("use_x = off", "use_x", False),
+    ("use_x=0", "use_x", False),
     ("betas=0.9,0.99", "betas", (0.9, 0.99)),
     ("betas=(0.9, 0.99)", "betas", (0.9, 0.99)),
     ("betas=[0.5,0.5]", "betas", (0.5, 0.5)),
     ("steps=1e3", "steps", 1000),
     ("lr=5e-5", "lr", 5e-5),
+    ("lr= 5e-5", "lr", 5e-5),
     ("mode='bee'", "mode", "bee"),
-    ("mode=bee", "mode", "bee"),
 ])
 def test_string_forms(item, key, value):
     assert getattr(Demo.from_strings([item]), key) == value
 
 
-def test_value_containing_equals_sign_is_kept_whole():
-    key, value = split_arg("mode=a=b")
-    assert (key, value) == ("mode", "a=b")
-    with pytest.raises(ValueError, match="'mode' = 'a=b'"):
-        Demo.from_strings(["mode=a=b"])
+@pytest.mark.parametrize("item, fragment", [
+    ("mode=bee", "quote strings (mode='bee')"),
+    ("use_x=true", "write booleans as True/False (use_x=True)"),
+    ("use_x=off", "quote strings"),  # then: a string is not a bool
+    ("use_x = False", "kohya keeps spaces around the key"),
+    ("mode='a=b'", "may not contain '='"),
+    ("use_x", "missing '='"),
+    ("lr=", "no value after '='"),
+    ("=1", "no name before '='"),
+])
+def test_strings_are_read_as_kohya_reads_them(item, fragment):
+    """What kohya's get_optimizer (split on '=', ast.literal_eval) would reject is rejected, saying what to write."""
+    with pytest.raises(ValueError) as info:
+        Demo.from_strings([item])
+    assert fragment in str(info.value) and str(info.value).startswith("Demo: ")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"lr": "1e-4"}, "'lr' = '1e-4' (str): expected a number in [0.0, inf), not a string"),
+    ({"use_x": "no"}, "'use_x' = 'no' (str): expected True or False, not a string"),
+    ({"use_x": "True"}, "'use_x' = 'True' (str): expected True or False, not a string"),
+    ({"steps": "5"}, "'steps' = '5' (str): expected an integer"),
+    ({"betas": "0.9,0.99"}, "'betas' = '0.9,0.99' (str)"),
+])
+def test_keyword_strings_are_not_read_as_values(kwargs, fragment):
+    """Typed keyword arguments take typed values: a string is text, read only from 'key=value' items."""
+    with pytest.raises(TypeError) as info:
+        Demo.from_kwargs(kwargs)
+    assert fragment in str(info.value) and "'key=value'" in str(info.value)
 
 
 @pytest.mark.parametrize("kwargs, exc, fragment", [
@@ -62,10 +86,10 @@ def test_rejections_name_argument_value_and_range(kwargs, exc, fragment):
 
 
 def test_malformed_items():
-    with pytest.raises(ValueError, match="expected the form 'key=value'"):
-        Demo.from_strings(["use_x"])
     with pytest.raises(ValueError, match="given twice"):
         Demo.from_strings(["lr=1", "lr=2"])
+    with pytest.raises(TypeError, match="expected a 'key=value' string"):
+        Demo.from_strings([("lr", 1)])
 
 
 def test_kohya_literal_mirrors_kohya_rules():

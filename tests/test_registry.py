@@ -78,3 +78,47 @@ def test_every_class_has_a_real_signature_and_documents_its_arguments():
             assert f"    {name} = " in spec.cls.__doc__ and field.help in spec.cls.__doc__, (spec.name, name)
         if "weight_decay" in names:
             assert names.index("weight_decay") < 5, (spec.name, names[:6])
+
+
+def test_create_optimizer_refuses_an_lr_given_twice():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"\['lr'\] given both in args and as keyword arguments"):
+        sd_hina_plugin.create_optimizer("HinaAdamWCore", params, lr=1e-4, args=["lr=1e-3"])
+    with pytest.raises(ValueError, match=r"\['lr'\] given both"):
+        sd_hina_plugin.create_optimizer("HinaAdamWCore", params, lr=1e-4, args={"lr": 1e-3})
+    opt = sd_hina_plugin.create_optimizer("HinaAdamWCore", params, args=["lr=1e-3"])
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("low_precision_update=kahan", "quote strings (low_precision_update='kahan')"),
+    ("use_grams=true", "write booleans as True/False (use_grams=True)"),
+    ("weight_decay", "missing '='"),
+])
+def test_create_optimizer_reads_strings_exactly_as_kohya(item, fragment):
+    """kohya's get_optimizer reads each value with ast.literal_eval: what it would reject is rejected here."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError) as info:
+        sd_hina_plugin.create_optimizer("HinaAdamWOptimizer", params, args=[item])
+    assert fragment in str(info.value) and "HinaAdamWOptimizer" in str(info.value)
+    opt = sd_hina_plugin.create_optimizer("HinaAdamWOptimizer", params, args=["low_precision_update='kahan'", "use_grams=True"])
+    assert opt.param_groups[0]["low_precision_update"] == "kahan" and opt.param_groups[0]["use_grams"] is True
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"lr": "1e-4"}, "'lr' = '1e-4' (str): expected a number"),
+    ({"use_grams": "no"}, "'use_grams' = 'no' (str): expected True or False"),
+    ({"weight_decay": "0.01"}, "'weight_decay' = '0.01' (str)"),
+    ({"min_lr": "None"}, "'min_lr' = 'None' (str)"),
+])
+def test_keyword_arguments_take_typed_values_only(kwargs, fragment):
+    """A string is a value only for a string argument: ``lr="1e-4"`` is an error naming the argument."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    name = "Automagic_CameAMP" if "min_lr" in kwargs else "HinaAdamWOptimizer"
+    with pytest.raises(TypeError) as info:
+        getattr(sd_hina_plugin, name)(params, **kwargs)
+    assert fragment in str(info.value) and "not a string" in str(info.value)
+    with pytest.raises(TypeError, match="not a string"):
+        sd_hina_plugin.create_optimizer(name, params, **kwargs)
+    with pytest.raises(TypeError, match="not a string"):  # a param group's values too
+        getattr(sd_hina_plugin, name)([{"params": params, **kwargs}])
