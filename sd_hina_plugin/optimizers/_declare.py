@@ -28,3 +28,22 @@ def config_for(name: str, techniques: Iterable[Technique], extra: Iterable[Field
             raise ValueError(f"{name}: default given for unknown field {key!r}")
         fields[key] = dataclasses.replace(fields[key], default=value)
     return make_config(name, fields.values())
+
+
+class NotesOnGivenSwitches:
+    """Mixin for optimizers: a technique with ``note_when_given`` (Cautious yielding to Grams) explains itself
+    only to users who set its switch, as a keyword argument or in a param group. A combination the defaults make
+    on their own is documented (docs/optimizers.md), not logged to everyone who kept the defaults."""
+
+    def adamw_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # called with the constructor's keywords and with each param group's own keys: what the user gave
+        self.__dict__.setdefault("_given_arguments", set()).update(kwargs)
+        return super().adamw_keywords(kwargs)  # type: ignore[misc]
+
+    def notes(self) -> list[str]:
+        out = super().notes()  # type: ignore[misc]
+        given = self.__dict__.get("_given_arguments", set())
+        unasked = {tech.note(group) for tech in self.TECHNIQUES  # type: ignore[attr-defined]
+                   if getattr(tech, "note_when_given", False) and tech.switch.name not in given
+                   for group in self.param_groups}  # type: ignore[attr-defined]
+        return [note for note in out if note not in unasked]

@@ -10,8 +10,8 @@ Order of a step (each line a technique in ``techniques/``; a switch turns it off
                -> parameter write (stochastic rounding / Kahan for bf16 weights)
 
 Cautious and Grams both act on the update components whose sign disagrees with the gradient (Cautious
-drops them, Grams flips them), so with both switched on (the seed's defaults) Grams applies and the optimizer
-says at construction that Cautious is inactive; ``use_grams=False`` turns Cautious on.
+drops them, Grams flips them), so with both switched on (the seed's defaults) Grams applies; a user who sets
+``use_cautious=True`` is told at construction that Cautious is inactive. ``use_grams=False`` turns Cautious on.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..techniques.lora_scales import AloraRowScale, LoraPlusRatio
 from ..techniques.orthograd import OrthoGrad
 from ..techniques.spd import SelectiveProjectionDecay
 from ..techniques.tam import TorqueAwareMomentum
-from ._declare import config_for
+from ._declare import NotesOnGivenSwitches, config_for
 
 
 def switch(name: str, default: bool, help: str) -> Field:
@@ -53,7 +53,7 @@ DYNAMIC_WD = switch("dynamic_weight_decay", True, "Relax adapter factors' weight
 
 @register(aliases=("CustomAdamWOptimizer", "HinaAdamW", "CustomAdamW"),
           summary="AdamW + 8-bit state + SPD, Cautious, OrthoGrad, ADOPT, Grams, AGR, TAM, LoRA+/ALoRA, dynamic wd")
-class HinaAdamWOptimizer(HinaOptimizer):
+class HinaAdamWOptimizer(NotesOnGivenSwitches, HinaOptimizer):
     """AdamW with 8-bit blockwise moments and switchable SPD, Cautious, OrthoGrad, ADOPT, Grams, AGR, TAM,
     LoRA+/ALoRA scaling and dynamic weight decay."""
 

@@ -32,7 +32,7 @@ from ..techniques.grams import Grams
 from ..techniques.orthograd import OrthoGrad
 from ..techniques.spd import SelectiveProjectionDecay
 from ..techniques.tam import TorqueAwareMomentum
-from ._declare import config_for
+from ._declare import NotesOnGivenSwitches, config_for
 from .adaptive_report import AdaptiveReports
 from .hina_adamw import (DYNAMIC_WD, SPD_LAMBDA, TAM_BETA, USE_ADOPT, USE_AGR, USE_CAUTIOUS, USE_GRAMS, USE_ORTHOGRAD,
                          USE_SPD, USE_TAM)
@@ -45,7 +45,7 @@ _GRAD_AND_MOMENTS = (
 
 
 @register(summary="HinaAdamW techniques + per-tensor importance, relationships and a per-element lr mask")
-class AdamW_HinaAdaptive(AdaptiveReports, HinaOptimizer):  # noqa: N801 - the upstream name
+class AdamW_HinaAdaptive(NotesOnGivenSwitches, AdaptiveReports, HinaOptimizer):  # noqa: N801 - the upstream name
     """HinaAdamW's techniques with per-tensor importance, relationship discovery and a relative lr mask."""
 
     NAME = "AdamW_HinaAdaptive"
@@ -59,7 +59,7 @@ class AdamW_HinaAdaptive(AdaptiveReports, HinaOptimizer):  # noqa: N801 - the up
 
 
 @register(summary="AdamW_HinaAdaptive for bf16 weights: bf16 moments with stochastic rounding, Kahan updates, delayed decay")
-class AdamWBF16_HinaAdaptive(AdaptiveReports, HinaOptimizer):  # noqa: N801 - the upstream name
+class AdamWBF16_HinaAdaptive(NotesOnGivenSwitches, AdaptiveReports, HinaOptimizer):  # noqa: N801 - the upstream name
     """The adaptive optimizer for bf16 parameters: bf16 state written with stochastic rounding, Kahan-compensated
     parameter updates, delayed weight decay."""
 

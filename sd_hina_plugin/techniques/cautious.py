@@ -6,7 +6,8 @@ Update components that disagree in sign with the current gradient are dropped an
 
 Cautious and Grams act on the same components (those whose sign disagrees with the gradient): Cautious
 drops them, Grams flips them. In either order one of the two makes the other a no-op, so an optimizer that
-declares both gives Grams precedence (``yields_to``) and reports at construction that Cautious is inactive.
+declares both gives Grams precedence (``yields_to``) and reports at construction that Cautious is inactive,
+to users who set ``use_cautious`` themselves (``note_when_given``; both are on in HinaAdamWOptimizer's defaults).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class Cautious(Technique):
     name = "cautious"
     stage = "direction"
     summary = "zero update components whose sign disagrees with g, rescale by numel/(kept+1) per tensor"
+    #: the note below is said only when the user set the switch (see optimizers/_declare.NotesOnGivenSwitches)
+    note_when_given = True
 
     def __init__(self, switch: Field | None = None, yields_to: Field | None = None):
         super().__init__(switch)

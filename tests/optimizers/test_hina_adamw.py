@@ -145,18 +145,39 @@ def test_every_switch_changes_the_result_or_is_explained(name, combo):
     base, opt = _trajectory(**base_kwargs)
     flipped, opt_flipped = _trajectory(**{**base_kwargs, name: not current})
     if torch.equal(base, flipped):
-        explained = [n for n in opt.notes() + opt_flipped.notes() if n.startswith(f"{name}=True")]
+        # the explanation goes to users who set the switch (a default combination is documented, not logged)
+        given = HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], **{**base_kwargs, name: current})
+        explained = [n for n in opt.notes() + opt_flipped.notes() + given.notes() if n.startswith(f"{name}=True")]
         assert explained, (name, combo)
 
 
-def test_cautious_with_grams_is_explained_at_construction(caplog):
+@pytest.mark.parametrize("given", [{"use_cautious": True}, {"use_cautious": True, "use_grams": True}, "group"])
+def test_cautious_with_grams_is_explained_to_users_who_set_it(caplog, given):
     import logging
 
+    param = torch.nn.Parameter(torch.zeros(4, 4))
     with caplog.at_level(logging.INFO, logger="sd_hina_plugin"):
-        opt = HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(4, 4))])
+        if given == "group":
+            opt = HinaAdamWOptimizer([{"params": [param], "use_cautious": True}])
+        else:
+            opt = HinaAdamWOptimizer([param], **given)
     assert "use_cautious=True has no effect while use_grams=True" in caplog.text
     assert opt.get_optimization_info()["notes"] == opt.notes() != []
-    assert HinaAdamWOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], use_grams=False).notes() == []
+    assert HinaAdamWOptimizer([param], use_grams=False, use_cautious=True).notes() == []
+
+
+@pytest.mark.parametrize("name, kwargs", [("HinaAdamWOptimizer", {}), ("HinaAdamWOptimizer", {"use_grams": True}),
+                                          ("AdamW_HinaAdaptive", {"use_grams": True})])
+def test_cautious_with_grams_is_not_logged_to_users_who_did_not_set_it(caplog, name, kwargs):
+    """Both switches are on in HinaAdamWOptimizer's defaults: a user who set neither (or only use_grams) is not
+    told that a switch they never touched has no effect."""
+    import logging
+
+    import sd_hina_plugin
+
+    with caplog.at_level(logging.INFO, logger="sd_hina_plugin"):
+        opt = getattr(sd_hina_plugin, name)([torch.nn.Parameter(torch.zeros(4, 4))], **kwargs)
+    assert "use_cautious" not in caplog.text and not any("use_cautious" in n for n in opt.notes())
 
 
 def test_state_bytes_with_spd_off_at_8bit():
