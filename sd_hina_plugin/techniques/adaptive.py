@@ -318,8 +318,10 @@ class LrMask(Technique):
         delta = self.delta(hp, lr0)
         agree = self.agreement(ctx) if ctx.step <= hp["warmup_steps"] else None
         if delta == 0:  # no bumps: the multiplier is 1, kept within the bounds
-            _, lo, hi = mask_settings(hp, lr0)
-            ctx.u.mul_(min(max(1.0, lo), hi))
+            fixed = self.fixed_multiplier(hp, lr0)
+            if ctx.opt.mask_means.get(id(ctx.pack)) is None:
+                self.record_mean(ctx, fixed=fixed)
+            ctx.u.mul_(fixed)
             return
         steps = self.read_steps(ctx, lr0)
         if agree is not None and ctx.step > 1:  # the first step only records the signs
@@ -342,10 +344,25 @@ class LrMask(Technique):
             self.clamp_start(ctx, steps, delta, lr0)
         count = ctx.temp().copy_(steps)
         if ctx.step <= hp["warmup_steps"] + 1 or ctx.opt.mask_means.get(id(ctx.pack)) is None:
-            # the mask's mean, for hina/avg_lr (on the device; frozen masks are not re-read)
-            real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
-            ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, 1.0 + delta * ctx.tensor_sum(count).sum() / real, real)
+            self.record_mean(ctx, count, delta)  # frozen masks are not re-read
         ctx.u.addcmul_(ctx.u, count, value=delta)  # u (1 + delta j)
+
+    @staticmethod
+    def fixed_multiplier(hp, lr0: float) -> float:
+        """The multiplier without bumps (``lr_bump=0``): 1, kept within the bounds."""
+        _, lo, hi = mask_settings(hp, lr0)
+        return min(max(1.0, lo), hi)
+
+    @staticmethod
+    def record_mean(ctx, count: torch.Tensor | None = None, delta: float = 0.0, fixed: float = 1.0) -> None:
+        """The mask's mean over the pack's elements (``1 + delta * mean(count)``, or ``fixed``), for hina/avg_lr:
+        a 0-d device tensor, read only when stats() are."""
+        real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
+        if count is None:
+            mean = torch.full((), fixed, dtype=torch.float32, device=ctx.pack.device)
+        else:
+            mean = 1.0 + delta * ctx.tensor_sum(count).sum() / real
+        ctx.opt.mask_means[id(ctx.pack)] = (ctx.pack.group_index, mean, real)
 
     def record(self, ctx) -> None:
         """Store this step's gradient signs (the first step's, for the second step to compare against)."""
@@ -354,8 +371,15 @@ class LrMask(Technique):
     def skipped(self, ctx) -> None:
         if ctx.step <= ctx.hp["warmup_steps"]:
             self.record(ctx)
-        if ctx.step == 1 and (lr0 := mask_unit(ctx.hp)) > 0 and (delta := self.delta(ctx.hp, lr0)) != 0:
-            self.clamp_start(ctx, self.read_steps(ctx, lr0), delta, lr0)
+        if ctx.step == 1 and (lr0 := mask_unit(ctx.hp)) > 0:
+            # the first step of ADOPT / CAME / SinkGD ends before the mask: it starts here, and hina/avg_lr with it
+            delta = self.delta(ctx.hp, lr0)
+            if delta == 0:
+                self.record_mean(ctx, fixed=self.fixed_multiplier(ctx.hp, lr0))
+                return
+            steps = self.read_steps(ctx, lr0)
+            self.clamp_start(ctx, steps, delta, lr0)
+            self.record_mean(ctx, ctx.temp().copy_(steps), delta)
 
     def clamp_start(self, ctx, steps: torch.Tensor, delta: float, lr0: float) -> None:
         """At step 1, put the mask (1 at first) within its bounds: with the upstream's absolute ``min_lr`` /
