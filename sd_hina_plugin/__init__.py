@@ -23,6 +23,16 @@ def stats(optimizer) -> dict:
         raise TypeError(f"{type(optimizer).__name__} is not (and does not wrap) an sd_hina_plugin optimizer")
     return inner.stats()
 
+
+def __getattr__(name: str):
+    """``sd_hina_plugin.hf`` on first use (it imports transformers, which the rest of the package does not need)."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AdamWBF16_HinaAdaptive",
     "AdamW_HinaAdaptive",

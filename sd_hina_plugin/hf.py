@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("sd_hina_plugin.hf needs Hugging Face transformers (pip install transformers)") from exc
 
 from . import stats
 

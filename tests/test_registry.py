@@ -122,3 +122,18 @@ def test_keyword_arguments_take_typed_values_only(kwargs, fragment):
         sd_hina_plugin.create_optimizer(name, params, **kwargs)
     with pytest.raises(TypeError, match="not a string"):  # a param group's values too
         getattr(sd_hina_plugin, name)([{"params": params, **kwargs}])
+
+
+def test_hf_module_is_reachable_as_the_readme_writes_it():
+    """``import sd_hina_plugin; sd_hina_plugin.hf.log_stats(trainer)`` in a fresh interpreter; the package itself
+    does not import transformers."""
+    import subprocess
+    import sys
+
+    script = ("import sys, sd_hina_plugin; assert 'transformers' not in sys.modules; "
+              "print(sd_hina_plugin.hf.log_stats.__name__, sd_hina_plugin.hf.StatsCallback.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["log_stats", "StatsCallback"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sd_hina_plugin.nope  # noqa: B018
