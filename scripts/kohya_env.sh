@@ -21,12 +21,24 @@ pip install torch==2.13.0
 grep -v -E '^\s*-e\s' "$SD/requirements.txt" > "$VENV/sd-scripts-requirements.txt"
 pip install -r "$VENV/sd-scripts-requirements.txt" torchvision "torch==2.13.0"
 pip install lycoris-lora pytest
+# DeepSpeed for the `train_network.py --deepspeed` test, without prebuilt ops as sd-scripts' deepspeed_utils.py says
+# (the one release our own test venv uses; it works with sd-scripts' accelerate 1.6.0 and this torch). On a
+# machine without CUDA it runs with DS_ACCELERATOR=cpu over gloo; its shared-memory comm op is compiled (ninja, g++)
+# on first use into ~/.cache/torch_extensions, about a minute once
+DS_BUILD_OPS=0 pip install deepspeed==0.19.8 "torch==2.13.0"
 pip install --no-deps -e .
 python - <<'PY'
 import importlib.metadata as md
-for name in ("torch", "torchvision", "transformers", "diffusers", "accelerate", "lycoris_lora", "sd_hina_plugin"):
+for name in ("torch", "torchvision", "transformers", "diffusers", "accelerate", "deepspeed", "lycoris_lora", "sd_hina_plugin"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"{name} missing")
+PY
+DS_ACCELERATOR=cpu python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+
+accelerator = get_accelerator()
+assert accelerator.device_name() == "cpu", accelerator.device_name()
+print(f"deepspeed accelerator with DS_ACCELERATOR=cpu: {accelerator.device_name()} ({accelerator.communication_backend_name()})")
 PY

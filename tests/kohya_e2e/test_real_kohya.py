@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -92,11 +93,21 @@ class Run:
             args += ["--logging_dir", str(self.work / "logs"), "--log_with", "tensorboard"]
         return args
 
-    def __call__(self, args: list[str], launcher: bool = False, hook: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
+    def __call__(self, args: list[str], launcher: bool = False, hook: bool = True, ok: bool = True,
+                 ranks: int = 0) -> subprocess.CompletedProcess:
+        """``ranks``: that many processes on this machine through torchrun (gloo, DeepSpeed's CPU accelerator)."""
         flags = (["--launcher"] if launcher else []) + ([] if hook else ["--no-hook"])
         command = [str(PYTHON), str(HERE / "kohya_shim.py"), str(SD_SCRIPTS), *flags, "train_network.py", *args]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                "COLUMNS": "400"}  # kohya's rich log lines unwrapped
+        if ranks:
+            command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                            "--master_port", str(free_port())]
+            env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # gloo on CPU even where a GPU is present
+            # DeepSpeed compiles its CPU shared-memory comm op on first use (about a minute); a cache of the kohya
+            # venv's own, as one shared with another venv's DeepSpeed is rebuilt each time the other one used it
+            env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                                       / "torch_extensions_kohya"))
         done = subprocess.run(command, cwd=self.work, capture_output=True, text=True, env=env, timeout=600)
         if ok:
             assert done.returncode == 0, f"kohya failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -111,6 +122,12 @@ class Run:
         from safetensors.torch import load_file
 
         return load_file(str(self.work / "out" / f"{name}.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -227,3 +244,31 @@ def test_a_broken_hook_fails_the_tensorboard_check(kohya):
     kohya(kohya.base(steps=2, optimizer="sd_hina_plugin.HinaAdamWCore", logs=True), hook=False)
     scalars = kohya.scalars()
     assert "loss/current" in scalars and not any(t.startswith("hina/") for t in scalars)
+
+
+@pytest.mark.parametrize("name", ["HinaAdamWCore", "Automagic_CameAMP"])
+def test_deepspeed_zero2_trains_every_lora_of_text_encoder_and_unet(kohya, name):
+    """``torchrun --nproc_per_node 2 train_network.py --deepspeed --zero_stage 2`` (kohya's own DeepSpeed path:
+    accelerate's DeepSpeedPlugin, text encoder and U-Net LoRA in one wrapped model, on CPU over gloo): every
+    lora_up of both the text encoder and the U-Net leaves zero after 4 steps.
+
+    DeepSpeed ZeRO-1/2 replaces each param group's params by one flat partition and steps one group at a time;
+    with the engine before it followed that (9afc681), the text encoder's 12 lora_up moved and the U-Net's 120
+    stayed exactly zero.
+    128 px (the 64 px pictures upscaled through a bucket): at 64 px the mid block's latent is 1x1, so its
+    self-attention's to_q/to_k get exactly zero gradient and stay zero with any optimizer, kohya's AdamW too."""
+    found = subprocess.run([str(PYTHON), "-c", "import importlib.util as u; print(u.find_spec('deepspeed') is not None)"],
+                           capture_output=True, text=True)
+    if found.stdout.strip() != "True":
+        pytest.skip(f"no deepspeed in {PYTHON} (scripts/kohya_env.sh installs it)")
+    args = kohya.base(steps=4, optimizer=f"sd_hina_plugin.{name}")
+    args[args.index("--resolution") + 1] = "128"
+    done = kohya(args + ["--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
+                         "--deepspeed", "--zero_stage", "2"], ranks=2)
+    assert f"use sd_hina_plugin.{name} " in _log(done)
+    assert "You are using ZeRO with an untested optimizer" in _log(done)  # DeepSpeed's ZeRO optimizer wraps ours
+    weights = kohya.weights()
+    ups = {part: [k for k in weights if k.startswith(f"lora_{part}_") and k.endswith(".lora_up.weight")] for part in ("te", "unet")}
+    assert len(ups["te"]) == 12 and len(ups["unet"]) == 120, {part: len(keys) for part, keys in ups.items()}
+    still = {part: [k for k in keys if not weights[k].abs().max() > 0] for part, keys in ups.items()}
+    assert still == {"te": [], "unet": []}, {part: f"{len(k)} of {len(ups[part])} lora_up still zero: {k[:4]}" for part, k in still.items()}
