@@ -188,3 +188,24 @@ def test_optimizer_specs_take_tuple_values():
         "Automagic_Sinkgd", {"lr_mask_bounds": (0.1, 3.0), "beta1": 0.9})
     assert parse_optimizer("Automagic_CameAMP:betas=(0.9,0.99,0.999)") == ("Automagic_CameAMP", {"betas": (0.9, 0.99, 0.999)})
     assert parse_optimizer("torch.AdamW") == ("torch.AdamW", {})
+
+
+def test_plots_mark_curves_that_lie_on_another():
+    """On small tasks the 8-bit names keep 32-bit state and draw their fp32 twin's curve, and HinaAdamWCore draws
+    torch AdamW's: such a curve is dashed on top of the other and its legend entry says so."""
+    from sd_hina_plugin.bench.runner import curve_twins, line_styles
+
+    curves = {"Automagic_CameAMP8bit": [0.9, 0.4, 0.2], "torch.AdamW": [1.0, 0.5, 0.25],
+              "Automagic_CameAMP": [0.9, 0.4, 0.2], "HinaAdamWCore": [1.0, 0.5, 0.25 * (1 + 1e-5)],
+              "Automagic_Sinkgd": [1.0, 0.3, 0.1]}
+    twins = curve_twins(curves)
+    assert set(twins) == {"Automagic_CameAMP8bit", "HinaAdamWCore"}
+    assert twins["Automagic_CameAMP8bit"] == ("Automagic_CameAMP", 0.0)
+    assert twins["HinaAdamWCore"][0] == BASELINE and twins["HinaAdamWCore"][1] == pytest.approx(1e-5)
+    pytest.importorskip("matplotlib")
+    styles = line_styles([{"optimizer": name, "best_lr": 1e-3} for name in curves], curves)
+    assert "[same curve as Automagic_CameAMP]" in styles["Automagic_CameAMP8bit"]["label"]
+    assert f"[on {BASELINE}'s curve: within less than 0.01%]" in styles["HinaAdamWCore"]["label"]
+    for twin, ref in (("Automagic_CameAMP8bit", "Automagic_CameAMP"), ("HinaAdamWCore", BASELINE)):
+        assert styles[twin]["linestyle"] != styles[ref]["linestyle"] and styles[twin]["zorder"] > styles[ref]["zorder"]
+    assert "[" not in styles["Automagic_Sinkgd"]["label"] and "[" not in styles["Automagic_CameAMP"]["label"]

@@ -267,6 +267,57 @@ def markdown(summary: dict[str, list[dict]], steps: int, seeds: int, multipliers
     return "\n".join(lines).rstrip() + "\n"
 
 
+#: mean curves closer than this (largest relative difference) are drawn as one line at the plots' scale
+COINCIDE = 2e-3
+
+
+def curve_twins(curves: dict[str, list[float]], tolerance: float = COINCIDE) -> dict[str, tuple[str, float]]:
+    """For each optimizer whose mean curve lies on another's, (that optimizer, largest relative difference; 0.0
+    when identical). The other is the baseline where it is one, else an fp32 name before an ``8bit`` name (an
+    8-bit name keeps 32-bit state on tensors below ``min_8bit_size``, so on small tasks it equals its twin)."""
+    order = sorted(curves, key=lambda o: (o != BASELINE, o.split(":")[0].endswith("8bit")))
+    references: list[str] = []
+    twins: dict[str, tuple[str, float]] = {}
+    for name in order:
+        curve = curves[name]
+        for ref in references:
+            other = curves[ref]
+            if len(other) != len(curve):
+                continue
+            diff = max((abs(a - b) / max(abs(b), 1e-30) for a, b in zip(curve, other)), default=0.0)
+            if diff <= tolerance:
+                twins[name] = (ref, diff)
+                break
+        else:
+            references.append(name)
+    return twins
+
+
+def line_styles(rows: list[dict], curves: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """matplotlib keywords per optimizer: 10 colours x 4 line styles keep 11+ optimizers apart; baselines black and
+    thick; a curve lying on another's (:func:`curve_twins`) dashed on top of it, its legend entry saying so."""
+    import matplotlib.pyplot as plt
+
+    styles = ("-", "--", "-.", ":")
+    colours = plt.get_cmap("tab10").colors
+    twins = curve_twins(curves)
+    out = {}
+    for k, row in enumerate(rows):
+        name = row["optimizer"]
+        baseline = name in (BASELINE, "bnb.AdamW8bit")
+        label = f"{name} (lr {row['best_lr']:.2g})" + (" [baseline]" if baseline else "")
+        style = {"color": "black" if name == BASELINE else colours[k % len(colours)],
+                 "linestyle": ":" if name == "bnb.AdamW8bit" else styles[k % len(styles)] if not baseline else "-",
+                 "linewidth": 2.4 if baseline else 1.3, "zorder": 3 if baseline else 2}
+        if name in twins:
+            ref, diff = twins[name]
+            within = "less than 0.01%" if diff < 1e-4 else f"{diff * 100:.2g}%"
+            label += f" [same curve as {ref}]" if diff == 0.0 else f" [on {ref}'s curve: within {within}]"
+            style.update(linestyle=(0, (2, 2)), linewidth=1.8, zorder=5)
+        out[name] = {"label": label, **style}
+    return out
+
+
 def plot(runs: list[Run], summary: dict[str, list[dict]], out_dir: Path) -> list[Path]:
     try:
         import matplotlib
@@ -276,23 +327,18 @@ def plot(runs: list[Run], summary: dict[str, list[dict]], out_dir: Path) -> list
     except ImportError:
         return []
     paths = []
-    styles = ("-", "--", "-.", ":")
-    colours = plt.get_cmap("tab10").colors
     for task, rows in summary.items():
         fig, ax = plt.subplots(figsize=(9, 4.6))
-        for k, row in enumerate(rows):
+        drawn = {}
+        for row in rows:
             chosen = [r for r in runs if r.task == task and r.optimizer == row["optimizer"] and r.lr == row["best_lr"]]
             length = min(len(r.heldout) for r in chosen)
-            steps_axis = chosen[0].steps[:length]
-            values = torch.tensor([r.heldout[:length] for r in chosen])
-            mean = values.mean(0)
-            baseline = row["optimizer"] in (BASELINE, "bnb.AdamW8bit")
-            # 10 colours x 4 line styles keep 11+ optimizers apart; baselines black and thick
-            line, = ax.plot(steps_axis, mean.tolist(), label=f"{row['optimizer']} (lr {row['best_lr']:.2g})" + (" [baseline]" if baseline else ""),
-                            color="black" if row["optimizer"] == BASELINE else colours[k % len(colours)],
-                            linestyle=":" if row["optimizer"] == "bnb.AdamW8bit" else styles[k % len(styles)] if not baseline else "-",
-                            linewidth=2.4 if baseline else 1.3, zorder=3 if baseline else 2)
-            if len(chosen) > 1:  # a band only where there is a spread to show
+            drawn[row["optimizer"]] = (chosen[0].steps[:length], torch.tensor([r.heldout[:length] for r in chosen]))
+        styles = line_styles(rows, {name: values.mean(0).tolist() for name, (_, values) in drawn.items()})
+        for row in rows:
+            steps_axis, values = drawn[row["optimizer"]]
+            line, = ax.plot(steps_axis, values.mean(0).tolist(), **styles[row["optimizer"]])
+            if len(values) > 1:  # a band only where there is a spread to show
                 ax.fill_between(steps_axis, values.min(0).values.tolist(), values.max(0).values.tolist(),
                                 color=line.get_color(), alpha=0.07)
         seeds = len({r.seed for r in runs if r.task == task})
