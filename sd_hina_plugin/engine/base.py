@@ -131,8 +131,8 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
         self._step_packs: list[list[Pack]] | None = None
         #: names learnt for tensors so far (by id), which the views an engine cuts from its partitions inherit
         self._names_seen: dict[int, str] = {}
-        self._pool = ScratchPool()
-        self._pool_generation = 0
+        self._pool = ScratchPool.shared()  # one per process, shared by every optimizer (see ScratchPool)
+        self._pool_generation = self._pool.generation
         self._stats: dict[str, torch.Tensor | float] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._host_values: dict[str, tuple[tuple, torch.Tensor]] = {}
@@ -499,9 +499,11 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
     def _scratch(self, name: str, pack: Pack, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         buf = self._pool.get(name, pack.total, dtype, pack.device)
         if self._pool.generation != self._pool_generation:
+            # buffers were replaced (by this optimizer or another one sharing the pool): cached views of them would
+            # keep the old buffers alive
+            retired = self._pool.retired_since(self._pool_generation)
             self._pool_generation = self._pool.generation
-            retired, self._pool.retired = self._pool.retired, set()
-            for other in self._all_planned():  # a replaced buffer invalidates cached views of the old one
+            for other in self._all_planned():
                 other.forget_views(retired)
         return buf
 

@@ -22,6 +22,7 @@ the number of tensors.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -316,7 +317,7 @@ class Pack:
         return views
 
     def forget_views(self, data_ptrs: set[int] | None = None) -> None:
-        """Drop cached views (of the buffers at ``data_ptrs`` only, if given)."""
+        """Drop cached views (of the buffers at ``data_ptrs`` only, if given); they are made again on first use."""
         if data_ptrs is None:
             self._views.clear()
         else:
@@ -351,25 +352,52 @@ def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: cal
     return packs
 
 
+_SHARED: "weakref.WeakValueDictionary[str, ScratchPool]" = weakref.WeakValueDictionary()
+
+
 class ScratchPool:
-    """Reusable flat work buffers, one set per device, grown to the largest pack and never freed per step."""
+    """Reusable flat work buffers, one set per device, grown to the largest pack and never freed per step.
+
+    Every optimizer of a process shares one pool (:meth:`shared`): their steps never run at the same time (a step
+    uses its buffers only while it runs), so kohya's per-block optimizers (``--fused_optimizer_groups``,
+    ``--blockwise_fused_optimizers``: one optimizer per block, each stepped from a backward hook) hold one set of
+    buffers sized to the largest pack of any of them, not a set each. The pool lives while an optimizer uses it."""
+
+    @classmethod
+    def shared(cls) -> "ScratchPool":
+        pool = _SHARED.get("pool")
+        if pool is None:
+            pool = cls()
+            _SHARED["pool"] = pool
+        return pool
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
-        #: bumped whenever a buffer is replaced by a larger one; ``retired`` holds the replaced data pointers
+        #: bumped whenever a buffer is replaced by a larger one; ``retired[g]`` is the data pointer of the buffer that
+        #: generation ``g`` replaced (each optimizer sharing the pool drops its cached views of those it has not seen)
         self.generation = 0
-        self.retired: set[int] = set()
+        self.retired: dict[int, int] = {}
+        self._parts: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (name, str(device), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             if buf is not None:
-                self.retired.add(buf.data_ptr())
                 self.generation += 1
+                self.retired[self.generation] = buf.data_ptr()
+                self.retired.pop(self.generation - self.KEEP, None)
             buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buf
-        return buf[:numel] if buf.numel() != numel else buf
+            self._parts = {k: v for k, v in self._parts.items() if k[0] != key}
+        if buf.numel() == numel:
+            return buf
+        # a pack smaller than the buffer (another pack, or another optimizer sharing the pool, grew it): its part,
+        # made once, so that a step issues the same ops whatever the other packs' sizes
+        part = self._parts.get((key, numel))
+        if part is None:
+            part = self._parts[(key, numel)] = buf[:numel]
+        return part
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -378,7 +406,22 @@ class ScratchPool:
         return {f"{name}@{dev}:{str(dt).replace('torch.', '')}": b.numel() * b.element_size()
                 for (name, dev, dt), b in self._buffers.items()}
 
+    #: retired pointers remembered (an optimizer that has missed more than this many drops all its cached views)
+    KEEP = 4096
+
+    def retired_since(self, generation: int) -> set[int] | None:
+        """Data pointers of the buffers replaced after ``generation`` (None: too long ago, or a clear: all of them)."""
+        if self.generation - generation >= self.KEEP:
+            return None
+        found = set()
+        for g in range(generation + 1, self.generation + 1):
+            ptr = self.retired.get(g)
+            if ptr is None:
+                return None
+            found.add(ptr)
+        return found
+
     def clear(self) -> None:
-        self.retired.update(b.data_ptr() for b in self._buffers.values())
         self._buffers.clear()
-        self.generation += 1
+        self._parts.clear()
+        self.generation += 1  # (no retired pointer for it: everyone drops every cached view)

@@ -38,12 +38,14 @@ class AdaptiveReports:
         }
 
     def get_buffer_pool_stats(self) -> dict:
-        """The reusable scratch buffers the step works in (one set per device, sized to the largest pack)."""
+        """The reusable scratch buffers the step works in (one set per device, sized to the largest pack, shared by
+        every optimizer of the process: see ``engine/pack.py`` ScratchPool)."""
         buffers = self._pool.describe()
         return {"buffers": buffers, "count": len(buffers), "estimated_memory_mb": sum(buffers.values()) / 2**20}
 
     def clear_buffer_pool(self) -> None:
-        """Free the scratch buffers; the next step allocates them again."""
+        """Free the scratch buffers (those of every optimizer of the process: they share them); the next step
+        allocates them again."""
         self._pool.clear()
         for pack in self.packs():
             pack.forget_views()

@@ -198,8 +198,9 @@ def test_reports_and_buffer_pool():
     assert pool["count"] > 0 and pool["estimated_memory_mb"] > 0
     opt.clear_buffer_pool()
     assert opt.get_buffer_pool_stats()["count"] == 0
-    _run(opt, named, 1)  # the step allocates them again
-    assert opt.get_buffer_pool_stats()["count"] == pool["count"]
+    _run(opt, named, 1)  # the step allocates them again (the pool is shared: other optimizers' buffers may be gone)
+    again = opt.get_buffer_pool_stats()
+    assert 0 < again["count"] <= pool["count"] and set(again["buffers"]) <= set(pool["buffers"])
     info = opt.get_optimization_info()
     assert {"adaptive_importance", "lr_mask"} <= set(info["param_groups"][0]["techniques"])
 
