@@ -17,6 +17,12 @@ error once and returns kohya's logs unchanged. kohya calls ``generate_step_logs`
 active, so without ``--log_with`` / ``--logging_dir`` nothing runs. Outside kohya :func:`attach` does
 nothing. If kohya's ``library.train_util`` is loaded but no trainer frame is found, it says once that it
 could not attach.
+
+The full fine-tune scripts (``fine_tune.py``, ``train_db.py``, ``sdxl_train.py``, ``sd3_train.py``,
+``flux_train.py``, ``lumina_train.py``, ...) have no trainer class: their ``train(args)`` builds the optimizer
+(one per block under ``--fused_optimizer_groups`` / ``--blockwise_fused_optimizers``) and sends its step logs
+through ``accelerator.log``. There :func:`attach` wraps ``log`` on that accelerator instance instead, and the
+step logs (those with a ``"loss"`` key) get one merged set of scalars of every optimizer (:func:`merged_stats`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import weakref
 from typing import Any, Callable
 
-from ..lora.discovery import find_kohya_trainer_frame
+from ..lora.discovery import find_kohya_script_frame, find_kohya_trainer_frame
 
 logger = logging.getLogger("sd_hina_plugin")
 _MARK = "_sd_hina_wrapped"
@@ -93,15 +99,86 @@ def install_on_class(trainer_cls: type) -> None:
     trainer_cls.generate_step_logs = wrap_step_logs(original, _optimizer_argument, offset=1)
 
 
+def merged_stats(optimizers: list[Any]) -> dict[str, float]:
+    """One set of scalars for several optimizers of one run (kohya's per-block optimizers): their groups carry
+    distinct names (see :func:`attach`), so per-group keys do not collide; skipped-tensor counts add up, and other
+    shared keys take the largest (``..._max``, ``/max``), the smallest (``..._min``, ``/min``) or the mean value."""
+    if len(optimizers) == 1:
+        return optimizers[0].stats()
+    seen: dict[str, list[float]] = {}
+    for opt in optimizers:
+        for key, value in opt.stats().items():
+            seen.setdefault(key, []).append(value)
+    out = {}
+    for key, values in seen.items():
+        if key == "hina/nonfinite_skipped":
+            out[key] = sum(values)
+        elif key.endswith(("_max", "/max")):
+            out[key] = max(values)
+        elif key.endswith(("_min", "/min")):
+            out[key] = min(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def _attach_to_accelerator(optimizer: Any, local: dict[str, Any]) -> bool:
+    """A full fine-tune script (no trainer class): it logs its step logs (those with ``"loss"``) through
+    ``accelerator.log``, so that method, on this accelerator only, adds the stats of every optimizer of ours the
+    script built (several under ``--fused_optimizer_groups`` / ``--blockwise_fused_optimizers``) and feeds them
+    the loss."""
+    accelerator = local["accelerator"]
+    registry = getattr(accelerator, "_sd_hina_optimizers", None)
+    if registry is None:
+        registry = []
+        original = accelerator.log
+        failed: list[Exception] = []
+
+        def log(values: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                if isinstance(values, dict) and "loss" in values:
+                    live = [o for o in (ref() for ref in registry) if o is not None]
+                    for opt in live:
+                        observe = getattr(opt, "observe_loss", None)
+                        if observe is not None:
+                            observe(values["loss"])
+                    if live:
+                        values = {**values, **merged_stats(live)}
+            except Exception as exc:  # logging must never break training
+                if not failed:
+                    failed.append(exc)
+                    logger.warning("sd_hina_plugin: could not add optimizer stats to kohya's logs: %s", exc)
+            return original(values, *args, **kwargs)
+
+        setattr(log, _MARK, True)
+        accelerator.log = log
+        accelerator._sd_hina_optimizers = registry
+    registry.append(weakref.ref(optimizer))
+    live = [o for o in (ref() for ref in registry) if o is not None]
+    if len(live) > 1:  # one optimizer per block: groups named after their block, so that stats() keys stay apart
+        blocks = local.get("block_types_and_indices")  # flux_train.py --blockwise_fused_optimizers names them
+        for i, opt in enumerate(live):
+            if len(opt.param_groups) == 1:
+                label = blocks[i] if isinstance(blocks, (list, tuple)) and len(blocks) >= len(live) else f"block{i:02d}"
+                opt.param_groups[0]["hina_desc"] = str(label).replace(" ", "_")
+    if len(live) == 1:
+        logger.info("%s: attached to kohya's step logs (hina/* scalars)", type(optimizer).__name__)
+    return True
+
+
 def attach(optimizer: Any) -> bool:
-    """Attach ``optimizer`` to the kohya trainer that is constructing it, if any. Returns True if attached."""
+    """Attach ``optimizer`` to the kohya trainer or script that is constructing it, if any. Returns True if
+    attached."""
     local = find_kohya_trainer_frame()
     if local is None:
+        script = find_kohya_script_frame()
+        if script is not None:
+            return _attach_to_accelerator(optimizer, script)
         if "library.train_util" in sys.modules and not _warned:
             _warned.append(True)
-            logger.warning("%s: kohya is loaded but its trainer was not found among the callers, so optimizer stats "
-                           "will not reach its logs; run the script through sd-hina-train to install the hook",
-                           type(optimizer).__name__)
+            logger.warning("%s: kohya is loaded but neither its trainer nor a training script's train() was found among "
+                           "the callers, so optimizer stats will not reach its logs; add them yourself with "
+                           "accelerator.log(sd_hina_plugin.stats(optimizer), step=step)", type(optimizer).__name__)
         return False
     trainer = local["self"]
     descriptions = local.get("lr_descriptions")

@@ -1,4 +1,4 @@
-"""``sd-hina-train SCRIPT.py [kohya arguments...]``: run a kohya ``*train_network.py`` with our hook installed.
+"""``sd-hina-train SCRIPT.py [kohya arguments...]``: run any kohya training script with our hook installed.
 
 Use it when the automatic hook cannot attach (a trainer that renamed ``train()``'s locals) or to write short
 names: ``--optimizer_type HinaAdamW`` (in the arguments or in a ``--config_file`` TOML) becomes
@@ -6,9 +6,10 @@ names: ``--optimizer_type HinaAdamW`` (in the arguments or in a ``--config_file`
 
 What it does, as kohya's own ``__main__`` block would: puts the script's folder first on ``sys.path``,
 imports the script under its module name (so ``sdxl_train_network.py``'s ``import train_network`` finds the
-same module), wraps ``generate_step_logs`` of the script's trainer class, then runs ``setup_parser()``,
-``parse_args()``, ``train_util.verify_command_line_training_args``, ``train_util.read_config_from_file`` and
-``Trainer().train(args)``.
+same module), wraps ``generate_step_logs`` of the script's trainer class (``*train_network.py``), then runs
+``setup_parser()``, ``parse_args()``, ``train_util.verify_command_line_training_args``,
+``train_util.read_config_from_file`` and ``Trainer().train(args)``, or, for a script without a trainer class
+(``fine_tune.py``, ``train_db.py``, ``sdxl_train.py``, ``flux_train.py``, ...), its ``train(args)``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"sd-hina-train: no such script: {argv[0]}")
     sys.argv = [str(script)] + rewrite_arguments(argv[1:])
     module = load_script(script)
-    cls = trainer_class(module)
-    install_on_class(cls)
+    # a *train_network.py trainer class gets the hook on the class; a script without one (the full fine-tunes:
+    # train(args)) is hooked when it builds the optimizer, through its accelerator (see kohya/hook.py)
+    cls = trainer_class(module) if not callable(getattr(module, "train", None)) else None
+    if cls is not None:
+        install_on_class(cls)
     parser = module.setup_parser()
     args = parser.parse_args()
     train_util = module.train_util
@@ -86,8 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = train_util.read_config_from_file(args, parser)
     if getattr(args, "optimizer_type", None):
         args.optimizer_type = resolve_optimizer_type(args.optimizer_type)
-    logger.info("sd-hina-train: %s with %s, optimizer_type=%s", script.name, cls.__name__, getattr(args, "optimizer_type", None))
-    cls().train(args)
+    logger.info("sd-hina-train: %s with %s, optimizer_type=%s", script.name, cls.__name__ if cls else "train(args)",
+                getattr(args, "optimizer_type", None))
+    if cls is not None:
+        cls().train(args)
+    else:
+        module.train(args)
     return 0
 
 

@@ -11,7 +11,8 @@ Sources, in the order tried:
 3. **kohya frame**: when kohya's ``NetworkTrainer.train`` builds the optimizer, its frame has the locals
    ``network`` (the LoRA network; ``named_parameters()`` gives ``lora_unet_....lora_down.weight``) and
    ``self`` (the trainer). Walking up from the constructor finds it; this works for every
-   ``*train_network.py`` subclass, which inherit ``train``.
+   ``*train_network.py`` subclass, which inherit ``train``. In a full fine-tune script (``train(args)``, no
+   trainer class) the models in that function's locals name their own parameters (``unet.down_blocks...``).
 4. **module scan**: every live ``nn.Module`` with a string attribute ``lora_name`` (kohya LoRAModule, LyCORIS
    modules, Flux/SD3 LoRA modules) names its own parameters ``f"{lora_name}.{param_name}"``. Costs one
    pass over the garbage collector's objects (~0.1 s), and is tried only when 1 to 3 left names missing.
@@ -67,11 +68,40 @@ def find_kohya_trainer_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | N
         del frame
 
 
+def find_kohya_script_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | None:
+    """Locals of the nearest calling frame that looks like the ``train(args)`` function of a kohya script without a
+    trainer class (the full fine-tunes: ``fine_tune.py``, ``train_db.py``, ``sdxl_train.py``, ``sd3_train.py``,
+    ``flux_train.py``, ...): it holds kohya's ``args`` and the ``accelerator`` it logs through, made before the
+    optimizer in every such script."""
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < max_frames:
+            local = frame.f_locals
+            accelerator, args = local.get("accelerator"), local.get("args")
+            if hasattr(accelerator, "log") and hasattr(accelerator, "trackers") and hasattr(args, "optimizer_type"):
+                return dict(local)
+            frame = frame.f_back
+            depth += 1
+        return None
+    finally:
+        del frame
+
+
 def names_from_kohya_frame(params: Iterable[torch.Tensor]) -> dict[int, str]:
+    """Names from kohya's frames: the LoRA ``network`` of a trainer, or, in a full fine-tune script, every model it
+    holds (``unet``, ``text_encoder1``, ``flux``, ...: their own parameter names)."""
+    wanted = {id(p) for p in params}
     local = find_kohya_trainer_frame()
-    if local is None:
-        return {}
-    return _cover(local["network"], {id(p) for p in params})
+    if local is not None:
+        return _cover(local["network"], wanted)
+    local = find_kohya_script_frame()
+    names: dict[int, str] = {}
+    for key, value in (local or {}).items():
+        if isinstance(value, nn.Module):
+            for pid, name in _cover(value, wanted).items():
+                names.setdefault(pid, f"{key}.{name}")
+    return names
 
 
 def names_from_module_scan(params: Iterable[torch.Tensor]) -> dict[int, str]:

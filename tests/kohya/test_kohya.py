@@ -96,7 +96,51 @@ def test_outside_kohya_attach_is_silent_and_inside_without_trainer_says_so(monke
     with caplog.at_level(logging.WARNING, logger="sd_hina_plugin"):
         assert attach(opt) is False
         assert attach(opt) is False
-    assert caplog.text.count("sd-hina-train") == 1
+    assert caplog.text.count("accelerator.log(sd_hina_plugin.stats(optimizer)") == 1
+
+
+class _Accelerator:
+    """What the hook needs of accelerate's Accelerator in a full fine-tune script: ``log`` and ``trackers``."""
+
+    def __init__(self):
+        self.trackers = ["tensorboard"]
+        self.logged = []
+
+    def log(self, values, step=None, log_kwargs=None):
+        self.logged.append((dict(values), step))
+
+
+def _full_finetune_train(args, blocks):
+    """The shape of kohya's sdxl_train.py / flux_train.py ``train(args)``: the accelerator first, then one optimizer
+    per block (``--fused_optimizer_groups``), each built through get_optimizer (here: the class itself)."""
+    accelerator = _Accelerator()
+    optimizers = [registry.resolve(args.optimizer_type).cls([{"params": list(block.parameters()), "lr": 1e-3}])
+                  for block in blocks]
+    for step in range(3):
+        for block in blocks:
+            for p in block.parameters():
+                p.grad = torch.randn_like(p)
+        for opt in optimizers:
+            opt.step()
+        accelerator.log({"loss": 0.5, "lr/unet": 1e-3}, step=step)
+    accelerator.log({"loss/epoch": 0.5}, step=1)
+    return accelerator, optimizers
+
+
+def test_full_finetune_scripts_log_one_merged_set_for_per_block_optimizers():
+    import types
+
+    blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
+    args = types.SimpleNamespace(optimizer_type="Automagic_CameAMP")
+    accelerator, optimizers = _full_finetune_train(args, blocks)
+    step_logs = [values for values, _ in accelerator.logged if "loss" in values]
+    assert len(step_logs) == 3 and "hina/lr/block00" not in accelerator.logged[-1][0]  # epoch logs left alone
+    for values in step_logs:
+        assert {"hina/lr/block00", "hina/lr/block01", "hina/lr/block02", "hina/nonfinite_skipped"} <= values.keys()
+        assert values["loss"] == 0.5 and values["lr/unet"] == 1e-3
+    assert "hina/avg_lr/block02" in step_logs[-1]
+    one = _full_finetune_train(args, blocks[:1])[0]
+    assert "hina/lr/group0" in one.logged[0][0]  # a single optimizer keeps its group names
 
 
 def _launch(*argv, cwd):
