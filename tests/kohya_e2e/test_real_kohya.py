@@ -1,8 +1,8 @@
 """The real, unmodified kohya-ss/sd-scripts trainer with our optimizers (marker ``kohya_e2e``).
 
 sd-scripts pins older transformers, diffusers and accelerate than our test extras, so it runs in its own
-virtualenv (``scripts/kohya_env.sh`` makes ``.venv-kohya``); each test starts ``train_network.py`` there in a
-subprocess, on a tiny randomly initialised SD1 model built offline (``fixture.py``), through ``kohya_shim.py``
+virtualenv (``scripts/kohya_env.sh`` makes ``.venv-kohya``); each test starts ``train_network.py`` (or a full
+fine-tune script: ``train_db.py``, ``fine_tune.py``) there in a subprocess, on a tiny randomly initialised SD1 model built offline (``fixture.py``), through ``kohya_shim.py``
 (which only shrinks sd-scripts' U-Net constants to the fixture and defines two torchvision op schemas).
 
 Where things come from (environment variables, else the defaults):
@@ -93,11 +93,19 @@ class Run:
             args += ["--logging_dir", str(self.work / "logs"), "--log_with", "tensorboard"]
         return args
 
+    def full(self, steps: int = 3, optimizer: str | None = "sd_hina_plugin.HinaAdamWCore", lr: float = 1e-3, logs: bool = True) -> list[str]:
+        """Arguments of a full fine-tune script (``train_db.py``: the DreamBooth folder; no network)."""
+        args = self.base(steps=steps, optimizer=optimizer, lr=lr, logs=logs)
+        at = args.index("--network_module")
+        del args[at:at + 6]  # --network_module, --network_dim, --network_alpha and their values
+        return args
+
     def __call__(self, args: list[str], launcher: bool = False, hook: bool = True, ok: bool = True,
-                 ranks: int = 0) -> subprocess.CompletedProcess:
-        """``ranks``: that many processes on this machine through torchrun (gloo, DeepSpeed's CPU accelerator)."""
+                 ranks: int = 0, script: str = "train_network.py") -> subprocess.CompletedProcess:
+        """``ranks``: that many processes on this machine through torchrun (gloo, DeepSpeed's CPU accelerator);
+        ``script``: the sd-scripts script to run."""
         flags = (["--launcher"] if launcher else []) + ([] if hook else ["--no-hook"])
-        command = [str(PYTHON), str(HERE / "kohya_shim.py"), str(SD_SCRIPTS), *flags, "train_network.py", *args]
+        command = [str(PYTHON), str(HERE / "kohya_shim.py"), str(SD_SCRIPTS), *flags, script, *args]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                "COLUMNS": "400"}  # kohya's rich log lines unwrapped
         if ranks:
@@ -272,3 +280,61 @@ def test_deepspeed_zero2_trains_every_lora_of_text_encoder_and_unet(kohya, name)
     assert len(ups["te"]) == 12 and len(ups["unet"]) == 120, {part: len(keys) for part, keys in ups.items()}
     still = {part: [k for k in keys if not weights[k].abs().max() > 0] for part, keys in ups.items()}
     assert still == {"te": [], "unet": []}, {part: f"{len(k)} of {len(ups[part])} lora_up still zero: {k[:4]}" for part, k in still.items()}
+
+
+# ---- full fine-tune scripts (no trainer class: the hook wraps accelerator.log of the script's train()) ----
+
+
+def _full_run_scalars(scalars: dict[str, list[float]], steps: int) -> None:
+    """hina/* scalars in every step log of a full fine-tune beside kohya's own ``loss`` (one group: kohya passes
+    the U-Net's and text encoder's parameters as one list)."""
+    assert len(scalars.get("loss", [])) == steps, sorted(scalars)
+    for tag in ("hina/lr/group0", "hina/nonfinite_skipped"):
+        assert len(scalars.get(tag, [])) == steps, (tag, sorted(scalars))
+    assert scalars["hina/lr/group0"][-1] == pytest.approx(1e-3)
+    assert scalars["hina/nonfinite_skipped"] == [0.0] * steps
+
+
+def test_train_db_full_finetune_logs_our_scalars(kohya):
+    """Real ``train_db.py`` (SD1 DreamBooth full fine-tune: U-Net and text encoder) with Automagic_CameAMP:
+    the step logs in TensorBoard carry hina/lr, hina/avg_lr (its lr mask moving) beside kohya's ``loss``."""
+    done = kohya(kohya.full(steps=3, optimizer="sd_hina_plugin.Automagic_CameAMP"), script="train_db.py")
+    assert "use sd_hina_plugin.Automagic_CameAMP " in _log(done)
+    assert "Automagic_CameAMP: attached to kohya's step logs" in _log(done)
+    assert (kohya.work / "out" / "net.safetensors").is_file()  # kohya saved the fine-tuned checkpoint
+    scalars = kohya.scalars()
+    _full_run_scalars(scalars, 3)
+    avg = scalars.get("hina/avg_lr/group0", [])
+    assert len(avg) == 3 and avg[-1] != avg[0], (avg, sorted(scalars))  # the lr mask moved: the optimizer stepped
+    assert "lr/unet" in scalars  # kohya's own lr logging untouched
+
+
+def test_train_db_through_the_launcher_with_a_short_name(kohya):
+    """``sd-hina-train train_db.py ... --optimizer_type HinaAdamW``: the launcher runs a script without a trainer
+    class (its train(args)) and resolves the short name."""
+    done = kohya(kohya.full(steps=3, optimizer="HinaAdamW"), launcher=True, script="train_db.py")
+    assert "use sd_hina_plugin.HinaAdamWOptimizer " in _log(done)
+    assert "train_db.py with train(args)" in _log(done)
+    _full_run_scalars(kohya.scalars(), 3)
+
+
+def test_train_db_without_the_hook_logs_no_scalars_of_ours(kohya):
+    """The check above is live: with the hook disabled, train_db.py's logs have ``loss`` and no hina/*."""
+    kohya(kohya.full(steps=2, optimizer="sd_hina_plugin.Automagic_CameAMP"), hook=False, script="train_db.py")
+    scalars = kohya.scalars()
+    assert "loss" in scalars and not any(t.startswith("hina/") for t in scalars), sorted(scalars)
+
+
+def test_fine_tune_full_finetune_logs_our_scalars(kohya, tmp_path):
+    """Real ``fine_tune.py`` (metadata-JSON fine-tune, U-Net and text encoder; it needs --cache_latents: without
+    it sd-scripts' FineTuningDataset finds no latents caching strategy) with Automagic_CameAMP."""
+    meta = tmp_path / "meta.json"
+    images = kohya.fixture / "train" / "1_tiny"
+    meta.write_text(json.dumps({p.name: {"caption": p.with_suffix(".txt").read_text()} for p in sorted(images.glob("*.png"))}))
+    args = kohya.full(steps=3, optimizer="sd_hina_plugin.Automagic_CameAMP")
+    args[args.index(str(kohya.fixture / "train"))] = str(images)
+    done = kohya(args + ["--in_json", str(meta), "--cache_latents", "--train_text_encoder"], script="fine_tune.py")
+    assert "use sd_hina_plugin.Automagic_CameAMP " in _log(done)
+    scalars = kohya.scalars()
+    _full_run_scalars(scalars, 3)
+    assert len(scalars.get("hina/avg_lr/group0", [])) == 3, sorted(scalars)
