@@ -25,7 +25,6 @@ What the base guarantees for every optimizer:
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -33,13 +32,12 @@ import torch
 from ..config import ConfigBase
 from ..kohya.hook import attach as attach_to_kohya
 from ..lora import discovery
-from ..lora.layout import LoraLayout
-from ..lora.names import classify
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
 from . import distributed
 from .binding import Binding
 from .checkpoint import FORMAT_VERSION, Checkpointing
+from .naming import Naming
 from .compiled import CompiledSteps, run_chain
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs, upload
@@ -50,7 +48,6 @@ from .technique import STAGES, Slot, Technique
 __all__ = ["FORMAT_VERSION", "HinaOptimizer", "validate_techniques"]
 _RNG_SEED = 0x5EED_0001
 logger = logging.getLogger("sd_hina_plugin")
-_KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
 
 
 def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
@@ -97,7 +94,7 @@ def _describe_arguments(cls: type) -> None:
     cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"
 
 
-class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
+class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
     Config: ClassVar[type[ConfigBase]]
@@ -224,8 +221,8 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
             self._check_dtypes()
         except TypeError:
             # kohya's train_network builds the optimizer first and casts the network for --full_bf16 / --full_fp16
-            # after: check again at the first step, when the cast has happened
-            trainer = discovery.find_kohya_trainer_frame()
+            # after: check again at the first step, when the cast has happened (a full fine-tune script likewise)
+            trainer = discovery.find_kohya_trainer_frame() or discovery.find_kohya_script_frame()
             args = trainer.get("args") if trainer else None
             if not (getattr(args, "full_bf16", False) or getattr(args, "full_fp16", False)):
                 raise
@@ -249,101 +246,6 @@ class HinaOptimizer(Reporting, Checkpointing, torch.optim.Optimizer):
         wants = self._wants_8bit(group)
         threshold = group.get("min_8bit_size", 4096)
         return lambda p: wants and p.numel() >= threshold
-
-    # -- names and LoRA roles -------------------------------------------------------------------------------
-    def _own_tensors(self) -> list[torch.Tensor]:
-        """The trainable tensors that are parameters themselves (not views an engine cut from its partitions)."""
-        return [m for _, m in self._binding.all_members() if self._binding.fragment(m) is None]
-
-    def _trainable_ids(self) -> set[int]:
-        return {id(p) for p in self._own_tensors()}
-
-    def _discover_names(self) -> None:
-        own = self._own_tensors()
-        names, source = discovery.names_from_groups(self._binding.groups), "param_names"
-        wanted = {id(p) for p in own}
-        if not wanted <= names.keys():
-            tagged = discovery.names_from_attributes(own)
-            if tagged:
-                names, source = {**tagged, **names}, "param_name attributes"
-        if not wanted <= names.keys():
-            found = discovery.names_from_kohya_frame(own)
-            source = "kohya frame"
-            if not (wanted <= (names.keys() | found.keys())) and _KOHYA_MODULE in sys.modules:
-                found = discovery.names_from_module_scan(own)
-                source = "module scan"
-            names = {**found, **names}
-            if not wanted <= names.keys() and wanted <= (names.keys() | self._names_seen.keys()):
-                # names learnt earlier (attach_names, or before a tensor changed requires_grad) still hold
-                names, source = {**self._names_seen, **names}, getattr(self, "_lora", None) and self._lora.source or "names learnt earlier"
-            if not wanted <= names.keys():
-                source = "none"
-        if not own and self._names_seen:  # every tensor cut from an engine's partitions: their parameters' names
-            source = "names learnt before the engine partitioned the parameters"
-        self._set_layout(names, source)
-
-    def _module_of(self, p: torch.Tensor) -> str | None:
-        """The adapter module of parameter ``p`` by the name learnt for it (None: no name, or no adapter role)."""
-        name = self._names_seen.get(id(p))
-        if name is None:
-            return None
-        info = classify(name)
-        return info.module if info.role.family != "other" else None
-
-    def _set_layout(self, names: dict[int, str], source: str) -> None:
-        names = dict(names)
-        split = 0
-        for _, member in self._binding.all_members():
-            fragment = self._binding.fragment(member)
-            if fragment is None:
-                continue
-            seen = self._names_seen.get(id(fragment.source))
-            if fragment.whole and seen is not None:
-                names[id(member)] = seen
-            else:  # part of a tensor split between ranks: a 1-D tensor of no adapter role
-                names[id(member)] = f"partition_part{split}"
-                split += 1
-        self._lora = LoraLayout.build(self._binding.all_members(), names, source)
-        if self._lora.source != "shape rules":
-            self._names_seen.update(self._lora.name_of)
-        self._names_reported = False
-        for pack in self._all_planned():
-            pack.derived.clear()
-
-    def _report_missing_names(self) -> None:
-        """Say once, at the first step (so a later ``attach_names`` can still supply them), that roles come
-        from shapes, if any enabled technique depends on roles."""
-        if self._names_reported:
-            return
-        self._names_reported = True
-        if self._lora.source == "shape rules" and any(t.uses_roles for g in self.param_groups for t in self.techniques(g)):
-            roles = [self._lora.role(p).value for _, p in self._binding.all_members()]
-            logger.warning(
-                "%s: no parameter names, so LoRA/LoKr roles come from shape rules (%d A-like, %d B-like tensors). "
-                "Pass model.named_parameters(), put 'param_names' in the param groups, or call "
-                "optimizer.attach_names(model.named_parameters()).",
-                self.NAME, roles.count("lora_a"), roles.count("lora_b"))
-
-    @property
-    def lora(self) -> LoraLayout:
-        """Roles, adapter modules and pairs of the trainable parameters (see ``lora/layout.py``)."""
-        return self._lora
-
-    def attach_names(self, named_parameters: Any) -> "HinaOptimizer":
-        """Give the optimizer parameter names: an ``nn.Module`` or an iterable of ``(name, parameter)``."""
-        if isinstance(named_parameters, torch.nn.Module):
-            named_parameters = named_parameters.named_parameters()
-        names = {id(p): n for n, p in named_parameters}
-        # parameters an engine has since cut into partitions (DeepSpeed) pass their names on to the views of them
-        sources = {id(f.source) for _, m in self._binding.all_members() if (f := self._binding.fragment(m)) is not None}
-        self._names_seen.update((i, n) for i, n in names.items() if i in sources)
-        wanted = self._trainable_ids() | sources
-        covered = len(wanted & names.keys())
-        if not covered:
-            raise ValueError(f"{self.NAME}.attach_names: none of the given names belongs to a parameter of this optimizer")
-        merged = {**discovery.names_from_groups(self._binding.groups), **names}
-        self._set_layout(merged, "attach_names" if covered == len(wanted) else "attach_names (partial)")
-        return self
 
     def techniques(self, group: dict[str, Any]) -> list[Technique]:
         return [t for t in self.TECHNIQUES if t.enabled(group)]

@@ -27,14 +27,14 @@ class Reporting:
 
     def lokr_stats(self, per_module: bool = False) -> dict[str, float]:
         """Norms of LoKr factors and of their Kronecker products (||w1 ⊗ w2|| = ||w1|| ||w2||). Syncs."""
-        from ..techniques.lora_scales import _SIDES, side_norms
+        from ..lora.factors import SIDES, side_norms
 
         modules = self._lora.complete("lokr")
         if not modules:
             return {}
         members = [self._lora.members(m) for m in modules]
         with torch.no_grad():
-            w1, w2 = (side_norms(members, *side) for side in _SIDES["lokr"])
+            w1, w2 = (side_norms(members, *side) for side in SIDES["lokr"])
             kron = w1 * w2
         out = {}
         for label, values in (("w1_norm", w1), ("w2_norm", w2), ("kron_norm", kron)):

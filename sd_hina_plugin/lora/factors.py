@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .names import Role
+
 
 def as_matrices(tensors: list[torch.Tensor], buffers: dict | None = None, key: str = "",
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -108,4 +110,39 @@ def product_fro_norms(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.T
         gram_x = torch.bmm(x.transpose(1, 2), x)
         gram_y = torch.bmm(y, y.transpose(1, 2))
         out[idx] = (gram_x * gram_y).sum((1, 2)).clamp_min_(0).sqrt_().float()
+    return out
+
+
+#: the two sides of a Kronecker (LoKr) or Hadamard (LoHa) module: (full factor, its halves a, b, Tucker core)
+SIDES = {
+    "lokr": ((Role.LOKR_W1, Role.LOKR_W1_A, Role.LOKR_W1_B, Role.LOKR_T1),
+             (Role.LOKR_W2, Role.LOKR_W2_A, Role.LOKR_W2_B, Role.LOKR_T2)),
+    "loha": ((None, Role.HADA_W1_A, Role.HADA_W1_B, Role.HADA_T1),
+             (None, Role.HADA_W2_A, Role.HADA_W2_B, Role.HADA_T2)),
+}
+
+
+def factor_norms(family: str, modules: list[dict[Role, torch.Tensor]]) -> torch.Tensor:
+    """Per module: ``||w1|| * ||w2||`` (LoKr: the Kronecker product's norm; LoHa: a bound of the Hadamard's)."""
+    first, second = (side_norms(modules, *side) for side in SIDES[family])
+    return first * second
+
+
+def side_norms(modules: list[dict[Role, torch.Tensor]], full: Role | None, a: Role, b: Role, core: Role) -> torch.Tensor:
+    """Frobenius norm of one side per module: the full factor, the product of its halves, or, in LyCORIS'
+    Tucker form (core ``t`` (r, r, k, k), ``a`` (r, out), ``b`` (r, in)), the contracted kernel.
+    Call under ``torch.no_grad()``."""
+    device = next(iter(modules[0].values())).device
+    out = torch.empty(len(modules), device=device)
+    full_idx = [i for i, m in enumerate(modules) if full is not None and full in m]
+    tucker_idx = [i for i, m in enumerate(modules) if i not in full_idx and core in m]
+    prod_idx = [i for i in range(len(modules)) if i not in full_idx and i not in tucker_idx]
+    if full_idx:
+        out[full_idx] = torch.stack(torch._foreach_norm([modules[i][full] for i in full_idx])).float()
+    if prod_idx:
+        out[prod_idx] = product_fro_norms([modules[i][a] for i in prod_idx], [modules[i][b] for i in prod_idx])
+    for i in tucker_idx:  # rare (conv modules with use_tucker); small dense kernels
+        m = modules[i]
+        dense = torch.einsum("ijkl,ip,jr->prkl", m[core].float(), m[a].float(), m[b].float())
+        out[i] = dense.norm()
     return out

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import sd_hina_plugin
-from sd_hina_plugin.engine.pack import ScratchPool
 
 
 def _blocks(seed: int = 0) -> torch.nn.Sequential:

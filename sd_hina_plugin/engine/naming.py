@@ -1,0 +1,119 @@
+"""Names and LoRA roles of the tensors a HinaOptimizer trains (mixed into it).
+
+Names come, in order, from ``param_names`` in the groups, ``param_name`` attributes, kohya's frames, a module scan
+(``lora/discovery.py``) or names learnt earlier (``attach_names``); tensors an engine cut from its flat partitions
+(``engine/distributed.py``) take the names of the parameters they stand for. From the names, ``lora/layout.py``
+builds roles, modules and pairs; without names, shape rules stand in and the optimizer says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+
+from ..lora import discovery
+from ..lora.layout import LoraLayout
+from ..lora.names import classify
+
+logger = logging.getLogger("sd_hina_plugin")
+_KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
+
+
+class Naming:
+    def _own_tensors(self) -> list[torch.Tensor]:
+        """The trainable tensors that are parameters themselves (not views an engine cut from its partitions)."""
+        return [m for _, m in self._binding.all_members() if self._binding.fragment(m) is None]
+
+    def _trainable_ids(self) -> set[int]:
+        return {id(p) for p in self._own_tensors()}
+
+    def _discover_names(self) -> None:
+        own = self._own_tensors()
+        names, source = discovery.names_from_groups(self._binding.groups), "param_names"
+        wanted = {id(p) for p in own}
+        if not wanted <= names.keys():
+            tagged = discovery.names_from_attributes(own)
+            if tagged:
+                names, source = {**tagged, **names}, "param_name attributes"
+        if not wanted <= names.keys():
+            found = discovery.names_from_kohya_frame(own)
+            source = "kohya frame"
+            if not (wanted <= (names.keys() | found.keys())) and _KOHYA_MODULE in sys.modules:
+                found = discovery.names_from_module_scan(own)
+                source = "module scan"
+            names = {**found, **names}
+            if not wanted <= names.keys() and wanted <= (names.keys() | self._names_seen.keys()):
+                # names learnt earlier (attach_names, or before a tensor changed requires_grad) still hold
+                names, source = {**self._names_seen, **names}, getattr(self, "_lora", None) and self._lora.source or "names learnt earlier"
+            if not wanted <= names.keys():
+                source = "none"
+        if not own and self._names_seen:  # every tensor cut from an engine's partitions: their parameters' names
+            source = "names learnt before the engine partitioned the parameters"
+        self._set_layout(names, source)
+
+    def _module_of(self, p: torch.Tensor) -> str | None:
+        """The adapter module of parameter ``p`` by the name learnt for it (None: no name, or no adapter role)."""
+        name = self._names_seen.get(id(p))
+        if name is None:
+            return None
+        info = classify(name)
+        return info.module if info.role.family != "other" else None
+
+    def _set_layout(self, names: dict[int, str], source: str) -> None:
+        names = dict(names)
+        split = 0
+        for _, member in self._binding.all_members():
+            fragment = self._binding.fragment(member)
+            if fragment is None:
+                continue
+            seen = self._names_seen.get(id(fragment.source))
+            if fragment.whole and seen is not None:
+                names[id(member)] = seen
+            else:  # part of a tensor split between ranks: a 1-D tensor of no adapter role
+                names[id(member)] = f"partition_part{split}"
+                split += 1
+        self._lora = LoraLayout.build(self._binding.all_members(), names, source)
+        if self._lora.source != "shape rules":
+            self._names_seen.update(self._lora.name_of)
+        self._names_reported = False
+        for pack in self._all_planned():
+            pack.derived.clear()
+
+    def _report_missing_names(self) -> None:
+        """Say once, at the first step (so a later ``attach_names`` can still supply them), that roles come
+        from shapes, if any enabled technique depends on roles."""
+        if self._names_reported:
+            return
+        self._names_reported = True
+        if self._lora.source == "shape rules" and any(t.uses_roles for g in self.param_groups for t in self.techniques(g)):
+            roles = [self._lora.role(p).value for _, p in self._binding.all_members()]
+            logger.warning(
+                "%s: no parameter names, so LoRA/LoKr roles come from shape rules (%d A-like, %d B-like tensors). "
+                "Pass model.named_parameters(), put 'param_names' in the param groups, or call "
+                "optimizer.attach_names(model.named_parameters()).",
+                self.NAME, roles.count("lora_a"), roles.count("lora_b"))
+
+    @property
+    def lora(self) -> LoraLayout:
+        """Roles, adapter modules and pairs of the trainable parameters (see ``lora/layout.py``)."""
+        return self._lora
+
+    def attach_names(self, named_parameters: Any) -> Any:
+        """Give the optimizer parameter names: an ``nn.Module`` or an iterable of ``(name, parameter)``."""
+        if isinstance(named_parameters, torch.nn.Module):
+            named_parameters = named_parameters.named_parameters()
+        names = {id(p): n for n, p in named_parameters}
+        # parameters an engine has since cut into partitions (DeepSpeed) pass their names on to the views of them
+        sources = {id(f.source) for _, m in self._binding.all_members() if (f := self._binding.fragment(m)) is not None}
+        self._names_seen.update((i, n) for i, n in names.items() if i in sources)
+        wanted = self._trainable_ids() | sources
+        covered = len(wanted & names.keys())
+        if not covered:
+            raise ValueError(f"{self.NAME}.attach_names: none of the given names belongs to a parameter of this optimizer")
+        merged = {**discovery.names_from_groups(self._binding.groups), **names}
+        self._set_layout(merged, "attach_names" if covered == len(wanted) else "attach_names (partial)")
+        return self
+
