@@ -51,21 +51,26 @@ def _cover(module: nn.Module, wanted: set[int]) -> dict[int, str]:
     return {id(p): n for n, p in module.named_parameters() if id(p) in wanted}
 
 
-def find_kohya_trainer_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | None:
-    """Locals of the nearest calling frame that looks like kohya's ``NetworkTrainer.train``."""
+def _nearest_frame(matches, max_frames: int) -> dict[str, Any] | None:
+    """Locals of the nearest calling frame whose locals satisfy ``matches``."""
     frame = inspect.currentframe()
     try:
         depth = 0
         while frame is not None and depth < max_frames:
             local = frame.f_locals
-            trainer, network = local.get("self"), local.get("network")
-            if isinstance(network, nn.Module) and trainer is not None and hasattr(trainer, "generate_step_logs"):
+            if matches(local):
                 return dict(local)
             frame = frame.f_back
             depth += 1
         return None
     finally:
         del frame
+
+
+def find_kohya_trainer_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | None:
+    """Locals of the nearest calling frame that looks like kohya's ``NetworkTrainer.train``."""
+    return _nearest_frame(lambda local: isinstance(local.get("network"), nn.Module) and local.get("self") is not None
+                          and hasattr(local["self"], "generate_step_logs"), max_frames)
 
 
 def find_kohya_script_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | None:
@@ -73,19 +78,8 @@ def find_kohya_script_frame(max_frames: int = MAX_FRAMES) -> dict[str, Any] | No
     trainer class (the full fine-tunes: ``fine_tune.py``, ``train_db.py``, ``sdxl_train.py``, ``sd3_train.py``,
     ``flux_train.py``, ...): it holds kohya's ``args`` and the ``accelerator`` it logs through, made before the
     optimizer in every such script."""
-    frame = inspect.currentframe()
-    try:
-        depth = 0
-        while frame is not None and depth < max_frames:
-            local = frame.f_locals
-            accelerator, args = local.get("accelerator"), local.get("args")
-            if hasattr(accelerator, "log") and hasattr(accelerator, "trackers") and hasattr(args, "optimizer_type"):
-                return dict(local)
-            frame = frame.f_back
-            depth += 1
-        return None
-    finally:
-        del frame
+    return _nearest_frame(lambda local: hasattr(local.get("accelerator"), "log") and hasattr(local.get("accelerator"), "trackers")
+                          and hasattr(local.get("args"), "optimizer_type"), max_frames)
 
 
 def names_from_kohya_frame(params: Iterable[torch.Tensor]) -> dict[int, str]:
