@@ -1,13 +1,17 @@
-"""A tiny, randomly initialised SD1 model for the real-kohya tests, built offline (executed by the kohya
+"""Tiny, randomly initialised SD1 and SDXL models for the real-kohya tests, built offline (executed by the kohya
 virtualenv's python: sd-scripts' pinned diffusers and transformers write it).
 
     python fixture.py OUT_DIR
+    python fixture.py --sdxl OUT_DIR SD_SCRIPTS_DIR
 
 writes ``OUT_DIR/model`` (a diffusers StableDiffusionPipeline folder: CLIP text encoder, VAE, U-Net, DDPM
 scheduler), ``OUT_DIR/tokenizers/openai_clip-vit-large-patch14`` (a CLIP tokenizer over a byte-level vocabulary,
 found by sd-scripts through ``--tokenizer_cache_dir OUT_DIR/tokenizers``) and ``OUT_DIR/train/1_tiny`` (a
 DreamBooth-style folder: eight 64x64 images with ``.txt`` captions, one repeat) and ``OUT_DIR/train_same``
-(the same with eight copies of one picture, for the resume test).
+(the same with eight copies of one picture, for the resume test). With ``--sdxl`` it writes the SDXL fixture
+instead (:func:`build_sdxl`): ``OUT_DIR/sdxl.safetensors``, a single-file SDXL checkpoint written by
+sd-scripts' own code from its SDXL classes shrunk to ``SDXL`` (:func:`write_sdxl`), both SDXL tokenizers and the
+same pictures.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ UNET = {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "norm_num
         "cross_attention_dim": 32, "attention_head_dim": 4}
 TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 IMAGES = 8
+#: the SDXL model's sizes; kohya_shim.shrink_sdxl shrinks sd-scripts' SDXL classes and loader to them (its U-Net:
+#: 32/64/128 channels, one transformer layer per attention block; the text encoders' vocabulary is the fixture
+#: tokenizer's, see write_tokenizer)
+SDXL = {"model_channels": 32, "transformer_layers": 1, "vae_channels": 32,
+        # twelve layers as SDXL's: sd-scripts takes the first text encoder's hidden_states[11]
+        "te1": {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 12, "num_attention_heads": 4,
+                "projection_dim": 32},
+        "te2": {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "projection_dim": 32}}
 
 
 def define_torchvision_ops() -> None:
@@ -87,6 +100,34 @@ def write_model(folder: Path, vocab_size: int, tokenizer_dir: Path) -> None:
     pipe.save_pretrained(str(folder))
 
 
+def write_sdxl(path: Path, sd_scripts: Path) -> None:
+    """A single-file SDXL checkpoint (``model.diffusion_model.*``, ``conditioner.embedders.0/1.*``,
+    ``first_stage_model.*``), written by sd-scripts' own ``sdxl_model_util.save_stable_diffusion_checkpoint`` from
+    its own SDXL U-Net, shrunk to ``SDXL`` by ``kohya_shim.shrink_sdxl`` as in the training runs."""
+    import torch
+
+    sys.path.insert(0, str(sd_scripts))
+    from kohya_shim import shrink_sdxl
+
+    shrink_sdxl()
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    import library.model_util as mu
+    import library.sdxl_model_util as sm
+    import library.sdxl_original_unet as su
+
+    torch.manual_seed(0)
+    unet = su.SdxlUNet2DConditionModel()
+    # the same configs as sd-scripts' loader builds (its CLIPTextConfig calls, shrunk)
+    te1 = CLIPTextModel(sm.CLIPTextConfig(hidden_size=768, max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=1,
+                                          bos_token_id=0, eos_token_id=2))
+    te2 = CLIPTextModelWithProjection(sm.CLIPTextConfig(hidden_size=1280, max_position_embeddings=77, hidden_act="gelu",
+                                                        pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    vae = AutoencoderKL(**mu.create_vae_diffusers_config())
+    sm.save_stable_diffusion_checkpoint(str(path), te1, te2, unet, 0, 0, None, vae, None, None)
+
+
 def write_images(folder: Path, same: bool = False) -> None:
     """Striped pictures with captions; ``same``: every picture and caption the first one's."""
     import numpy as np
@@ -116,6 +157,18 @@ def build(out: Path) -> Path:
     return out
 
 
+def build_sdxl(out: Path, sd_scripts: Path) -> Path:
+    """The SDXL fixture: ``OUT_DIR/sdxl.safetensors``, both SDXL tokenizers under ``OUT_DIR/tokenizers`` (the same
+    byte-level one twice; sd-scripts sets the second one's pad token id to 0 itself) and ``OUT_DIR/train/1_tiny``."""
+    define_torchvision_ops()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"):
+        assert write_tokenizer(out / "tokenizers" / name) == SDXL["te1"]["vocab_size"] == SDXL["te2"]["vocab_size"]
+    write_sdxl(out / "sdxl.safetensors", sd_scripts)
+    write_images(out / "train" / "1_tiny")
+    return out
+
+
 def read_scalars(logdir: Path) -> dict[str, list[float]]:
     """Every scalar of the TensorBoard event files under ``logdir``: tag -> values in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,5 +185,7 @@ def read_scalars(logdir: Path) -> dict[str, list[float]]:
 if __name__ == "__main__":
     if sys.argv[1] == "--scalars":  # for the tests, whose own venv may lack tensorboard
         print(json.dumps(read_scalars(Path(sys.argv[2]))))
+    elif sys.argv[1] == "--sdxl":
+        print(build_sdxl(Path(sys.argv[2]), Path(sys.argv[3])))
     else:
         print(build(Path(sys.argv[1])))

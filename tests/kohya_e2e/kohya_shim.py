@@ -1,4 +1,4 @@
-"""Run a real sd-scripts trainer on the tiny offline SD1 fixture (executed by the kohya virtualenv's python).
+"""Run a real sd-scripts trainer on the tiny offline SD1 or SDXL fixture (executed by the kohya virtualenv's python).
 
     python kohya_shim.py SD_SCRIPTS_DIR [--launcher] [--no-hook] SCRIPT.py [kohya arguments...]
 
@@ -8,7 +8,9 @@ Before sd-scripts is imported it:
   compiled ops do not load beside a CPU torch from another build: sd-scripts imports torchvision's transforms,
   which register fake kernels for these ops at import, and never calls them;
 * shrinks sd-scripts' own SD1 U-Net (``library/original_unet.py`` builds it from module constants) to the
-  fixture's widths (``fixture.UNET``), so the diffusers U-Net in the fixture's folder loads into it.
+  fixture's widths (``fixture.UNET``), so the diffusers U-Net in the fixture's folder loads into it;
+* shrinks sd-scripts' SDXL U-Net, text encoders and VAE (:func:`shrink_sdxl`) to ``fixture.SDXL``, so the
+  fixture's single-file SDXL checkpoint loads through sd-scripts' own loader.
 
 Then it runs the script as ``__main__`` (kohya's own entry point, our hook attaching by itself) or, with
 ``--launcher``, through ``sd-hina-train`` (``sd_hina_plugin.kohya.launcher.main``). ``--no-hook`` disables
@@ -37,6 +39,48 @@ def shrink_unet() -> None:
     ou.TRANSFORMER_NORM_NUM_GROUPS = UNET["norm_num_groups"]
 
 
+def shrink_sdxl() -> None:
+    """Shrink sd-scripts' SDXL models to the fixture's ``fixture.SDXL`` sizes: the constants its U-Net is built from
+    (``library/sdxl_original_unet.py``), the depth and cross-attention width its U-Net hard-codes in each
+    ``Transformer2DModel(...)`` call (a subclass of the same name forces them, so that LoRA still finds its target
+    modules by class name), the two ``CLIPTextConfig(...)`` calls of its single-file loader
+    (``library/sdxl_model_util.py``: told apart by their hidden size, 768 and 1280) and its VAE constants
+    (``library/model_util.py``). The single-file checkpoint format, its key conversions and every training code
+    path stay sd-scripts' own."""
+    from fixture import SDXL
+
+    import library.model_util as mu
+    import library.sdxl_model_util as sm
+    import library.sdxl_original_unet as su
+
+    if getattr(su, "_tiny", False):
+        return
+    su._tiny = True
+    channels = SDXL["model_channels"]
+    su.MODEL_CHANNELS = channels
+    su.TIME_EMBED_DIM = channels * 4
+    su.CONTEXT_DIM = SDXL["te1"]["hidden_size"] + SDXL["te2"]["hidden_size"]  # the two text encoders' states side by side
+    su.ADM_IN_CHANNELS = SDXL["te2"]["projection_dim"] + 6 * 256  # pooled text embedding + six 256-wide size embeddings
+
+    class Transformer2DModel(su.Transformer2DModel):  # same class name: networks/lora.py targets it by name
+        def __init__(self, *args, **kwargs):
+            kwargs["num_transformer_layers"] = SDXL["transformer_layers"]
+            kwargs["cross_attention_dim"] = su.CONTEXT_DIM
+            super().__init__(*args, **kwargs)
+
+    su.Transformer2DModel = Transformer2DModel
+    config = sm.CLIPTextConfig
+
+    def tiny_text_config(**kwargs):
+        kwargs.update(SDXL["te1"] if kwargs.get("hidden_size") == 768 else SDXL["te2"])
+        return config(**kwargs)
+
+    sm.CLIPTextConfig = tiny_text_config
+    mu.VAE_PARAMS_CH = SDXL["vae_channels"]
+    mu.VAE_PARAMS_CH_MULT = [1, 1, 1, 1]
+    mu.VAE_PARAMS_NUM_RES_BLOCKS = 1
+
+
 def main(argv: list[str]) -> None:
     sd_scripts, rest = Path(argv[0]).resolve(), argv[1:]
     flags = set()
@@ -50,6 +94,7 @@ def main(argv: list[str]) -> None:
 
     define_torchvision_ops()
     shrink_unet()
+    shrink_sdxl()
     if "--no-hook" in flags:  # for the test that shows a broken hook fails the TensorBoard check
         import sd_hina_plugin.engine.base as base
 

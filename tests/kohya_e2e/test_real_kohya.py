@@ -1,9 +1,11 @@
 """The real, unmodified kohya-ss/sd-scripts trainer with our optimizers (marker ``kohya_e2e``).
 
 sd-scripts pins older transformers, diffusers and accelerate than our test extras, so it runs in its own
-virtualenv (``scripts/kohya_env.sh`` makes ``.venv-kohya``); each test starts ``train_network.py`` (or a full
-fine-tune script: ``train_db.py``, ``fine_tune.py``) there in a subprocess, on a tiny randomly initialised SD1 model built offline (``fixture.py``), through ``kohya_shim.py``
-(which only shrinks sd-scripts' U-Net constants to the fixture and defines two torchvision op schemas).
+virtualenv (``scripts/kohya_env.sh`` makes ``.venv-kohya``); each test starts ``train_network.py`` (or another
+script: the full fine-tunes ``train_db.py``, ``fine_tune.py``, ``sdxl_train.py``, and ``sdxl_train_network.py``)
+there in a subprocess, on a tiny randomly initialised SD1 or SDXL model built offline (``fixture.py``), through
+``kohya_shim.py`` (which only shrinks sd-scripts' model constants to the fixture and defines two torchvision op
+schemas).
 
 Where things come from (environment variables, else the defaults):
 
@@ -76,12 +78,27 @@ def fixture_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """The tiny single-file SDXL checkpoint (``fixture.py --sdxl``: sd-scripts' own SDXL classes shrunk by
+    ``kohya_shim.shrink_sdxl``, saved by its own single-file writer), its two tokenizers and the pictures."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("kohya_sdxl_fixture")
+    done = subprocess.run([str(PYTHON), str(HERE / "fixture.py"), "--sdxl", str(out), str(SD_SCRIPTS)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
 class Run:
-    def __init__(self, fixture: Path, work: Path):
+    def __init__(self, fixture: Path, work: Path, model: Path | None = None):
+        """``model``: the --pretrained_model_name_or_path (default: the SD1 fixture's diffusers folder)."""
         self.fixture, self.work = fixture, work
+        self.model = model or fixture / "model"
 
     def base(self, steps: int = 2, optimizer: str | None = "sd_hina_plugin.HinaAdamWCore", lr: float = 1e-3, logs: bool = False) -> list[str]:
-        args = ["--pretrained_model_name_or_path", str(self.fixture / "model"), "--tokenizer_cache_dir", str(self.fixture / "tokenizers"),
+        args = ["--pretrained_model_name_or_path", str(self.model), "--tokenizer_cache_dir", str(self.fixture / "tokenizers"),
                 "--train_data_dir", str(self.fixture / "train"), "--resolution", "64", "--caption_extension", ".txt",
                 "--output_dir", str(self.work / "out"), "--output_name", "net", "--save_model_as", "safetensors",
                 "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4",
@@ -338,3 +355,101 @@ def test_fine_tune_full_finetune_logs_our_scalars(kohya, tmp_path):
     scalars = kohya.scalars()
     _full_run_scalars(scalars, 3)
     assert len(scalars.get("hina/avg_lr/group0", [])) == 3, sorted(scalars)
+
+
+# ---- SDXL (the tiny single-file checkpoint of fixture.py --sdxl, loaded by sd-scripts' own SDXL loader) ----
+
+
+@pytest.fixture
+def sdxl(sdxl_dir, tmp_path) -> Run:
+    return Run(sdxl_dir, tmp_path, model=sdxl_dir / "sdxl.safetensors")
+
+
+def _lora_ups_still_zero(weights: dict) -> dict[str, list[str]]:
+    """Per part (te1, te2, unet): how many lora_up tensors there are, and those still exactly zero."""
+    out = {}
+    for part in ("te1", "te2", "unet"):
+        ups = [k for k in weights if k.startswith(f"lora_{part}_") and k.endswith(".lora_up.weight")]
+        assert ups, (part, sorted(weights)[:5])
+        out[part] = [k for k in ups if not weights[k].abs().max() > 0]
+    return out
+
+
+#: SDXL's first text encoder feeds its hidden_states[11] (the penultimate of its twelve layers) to the U-Net, so
+#: the LoRA of its last layer gets no gradient and stays zero with any optimizer (real SDXL: the same)
+TE1_LAST_LAYER = {f"lora_te1_text_model_encoder_layers_11_{m}.lora_up.weight"
+                  for m in ("mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_out_proj", "self_attn_q_proj", "self_attn_v_proj")}
+
+
+def test_sdxl_lora_logs_our_scalars(sdxl):
+    """Real ``sdxl_train_network.py`` (LoRA on both text encoders and the U-Net) on the single-file SDXL fixture
+    with Automagic_CameAMP: hina/* beside kohya's scalars; every LoRA the loss reaches moved."""
+    done = sdxl(sdxl.base(steps=3, optimizer="sd_hina_plugin.Automagic_CameAMP", logs=True), script="sdxl_train_network.py")
+    log = _log(done)
+    assert "load StableDiffusion checkpoint" in log and "U-Net: <All keys matched successfully>" in log, log[-3000:]
+    assert "text encoder 2: <All keys matched successfully>" in log
+    assert "use sd_hina_plugin.Automagic_CameAMP " in log
+    scalars = sdxl.scalars()
+    for tag in ("hina/lr/unet", "hina/lr/textencoder", "hina/avg_lr/unet", "hina/avg_lr/textencoder", "hina/nonfinite_skipped"):
+        assert len(scalars.get(tag, [])) == 3, (tag, sorted(scalars))
+    assert scalars["hina/nonfinite_skipped"] == [0.0] * 3
+    assert "loss/current" in scalars  # kohya's own
+    still = _lora_ups_still_zero(sdxl.weights())
+    assert set(still["te1"]) == TE1_LAST_LAYER and still["te2"] == [] and still["unet"] == [], still
+
+
+def test_sdxl_train_fused_optimizer_groups_trains_and_logs_per_block(sdxl):
+    """Real ``sdxl_train.py --fused_optimizer_groups 2`` (U-Net full fine-tune, one optimizer per block stepped
+    from post-accumulate-grad hooks): both optimizers are ours, one merged set of scalars with groups block00 and
+    block01 in every step log, and every U-Net tensor of the saved checkpoint differs from the fixture's (the text
+    encoders, not trained, do not)."""
+    from safetensors.torch import load_file
+
+    args = sdxl.full(steps=3, optimizer="sd_hina_plugin.Automagic_CameAMP")
+    done = sdxl(args + ["--fused_optimizer_groups", "2"], script="sdxl_train.py")
+    log = _log(done)
+    assert log.count("use sd_hina_plugin.Automagic_CameAMP ") == 2 and "using 2 optimizers for fused optimizer groups" in log, log[-3000:]
+    scalars = sdxl.scalars()
+    assert len(scalars.get("loss", [])) == 3, sorted(scalars)
+    for tag in ("hina/lr/block00", "hina/lr/block01", "hina/avg_lr/block00", "hina/avg_lr/block01", "hina/nonfinite_skipped"):
+        assert len(scalars.get(tag, [])) == 3, (tag, sorted(scalars))
+    assert not any(t.startswith("hina/lr/block02") or t.startswith("hina/lr/group") for t in scalars), sorted(scalars)
+    before, after = load_file(str(sdxl.model)), sdxl.weights()
+    assert before.keys() == after.keys()
+    unet = [k for k in before if k.startswith("model.diffusion_model.")]
+    still = [k for k in unet if torch_equal(before[k], after[k])]
+    assert not still, f"{len(still)} of {len(unet)} U-Net tensors unchanged: {still[:4]}"
+    moved = [k for k in before if not k.startswith("model.diffusion_model.") and not torch_equal(before[k], after[k])]
+    assert not moved, moved[:4]
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a.float() == b.float()).all())
+
+
+def test_sdxl_train_through_the_launcher_names_its_groups(sdxl):
+    """``sd-hina-train sdxl_train.py --optimizer_type AdamW_HinaAdaptive --train_text_encoder`` with kohya's
+    three lrs (U-Net, text encoder 1, text encoder 2): one optimizer, three groups, each logged with its lr."""
+    args = sdxl.full(steps=3, optimizer="AdamW_HinaAdaptive")
+    done = sdxl(args + ["--train_text_encoder", "--learning_rate_te1", "1e-4", "--learning_rate_te2", "2e-4"], launcher=True,
+                script="sdxl_train.py")
+    assert "use sd_hina_plugin.AdamW_HinaAdaptive " in _log(done)
+    scalars = sdxl.scalars()
+    for tag, lr in (("hina/lr/group0", 1e-3), ("hina/lr/group1", 1e-4), ("hina/lr/group2", 2e-4)):
+        assert scalars.get(tag, [None])[-1] == pytest.approx(lr), (tag, sorted(scalars))
+    assert "hina/importance/mean" in scalars and len(scalars["loss"]) == 3
+
+
+def test_sdxl_lora_full_bf16_with_the_bf16_optimizer(sdxl):
+    """``sdxl_train_network.py --mixed_precision bf16 --full_bf16`` with AdamWBF16_HinaAdaptive (bf16 weights on
+    this CPU): it trains every reachable LoRA, saved in bf16, and logs its scalars."""
+    done = sdxl(sdxl.base(steps=3, optimizer="sd_hina_plugin.AdamWBF16_HinaAdaptive", logs=True)
+                + ["--mixed_precision", "bf16", "--full_bf16"], script="sdxl_train_network.py")
+    assert "unet dtype: torch.bfloat16" in _log(done)
+    scalars = sdxl.scalars()
+    assert {"hina/lr/unet", "hina/lr/textencoder", "hina/importance/mean", "hina/nonfinite_skipped"} <= set(scalars), sorted(scalars)
+    assert scalars["hina/nonfinite_skipped"][-1] == 0.0
+    weights = sdxl.weights()
+    assert {str(v.dtype) for k, v in weights.items() if k.endswith(".lora_up.weight")} == {"torch.bfloat16"}
+    still = _lora_ups_still_zero(weights)
+    assert set(still["te1"]) == TE1_LAST_LAYER and still["te2"] == [] and still["unet"] == [], still
