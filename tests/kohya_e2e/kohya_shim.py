@@ -9,8 +9,8 @@ Before sd-scripts is imported it:
   which register fake kernels for these ops at import, and never calls them;
 * shrinks sd-scripts' own SD1 U-Net (``library/original_unet.py`` builds it from module constants) to the
   fixture's widths (``fixture.UNET``), so the diffusers U-Net in the fixture's folder loads into it;
-* shrinks sd-scripts' SDXL U-Net, text encoders and VAE (:func:`shrink_sdxl`) to ``fixture.SDXL``, so the
-  fixture's single-file SDXL checkpoint loads through sd-scripts' own loader.
+* for an ``sdxl_*.py`` script, shrinks sd-scripts' SDXL U-Net, text encoders and VAE (:func:`shrink_sdxl`) to
+  ``fixture.SDXL``, so the fixture's single-file SDXL checkpoint loads through sd-scripts' own loader.
 
 Then it runs the script as ``__main__`` (kohya's own entry point, our hook attaching by itself) or, with
 ``--launcher``, through ``sd-hina-train`` (``sd_hina_plugin.kohya.launcher.main``). ``--no-hook`` disables
@@ -94,7 +94,8 @@ def main(argv: list[str]) -> None:
 
     define_torchvision_ops()
     shrink_unet()
-    shrink_sdxl()
+    if Path(rest[0]).name.startswith("sdxl_"):
+        shrink_sdxl()
     if "--no-hook" in flags:  # for the test that shows a broken hook fails the TensorBoard check
         import sd_hina_plugin.engine.base as base
 
