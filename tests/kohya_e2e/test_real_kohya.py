@@ -453,3 +453,19 @@ def test_sdxl_lora_full_bf16_with_the_bf16_optimizer(sdxl):
     assert {str(v.dtype) for k, v in weights.items() if k.endswith(".lora_up.weight")} == {"torch.bfloat16"}
     still = _lora_ups_still_zero(weights)
     assert set(still["te1"]) == TE1_LAST_LAYER and still["te2"] == [] and still["unet"] == [], still
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if "sdxl" in p.stem or "full_finetune" in p.stem], ids=lambda p: p.stem)
+def test_sdxl_presets_on_their_scripts(sdxl, path):
+    """The SDXL LoRA presets on ``sdxl_train_network.py``, the full fine-tune presets on ``sdxl_train.py
+    --fused_optimizer_groups 2`` (each block's optimizer built from the preset): they train and log hina/*."""
+    name = registry.resolve(load_preset(path)["optimizer_type"]).name
+    full = "full_finetune" in path.stem
+    args = (sdxl.full(steps=2, optimizer=None) + ["--fused_optimizer_groups", "2"]) if full else sdxl.base(steps=2, optimizer=None, logs=True)
+    done = sdxl(args + ["--config_file", str(path)] + EXTRA.get(name, []), script="sdxl_train.py" if full else "sdxl_train_network.py")
+    assert _log(done).count(f"use sd_hina_plugin.{name} ") == (2 if full else 1)
+    scalars = sdxl.scalars()
+    wanted = ("hina/lr/block00", "hina/lr/block01") if full else ("hina/lr/unet", "hina/lr/textencoder")
+    assert all(len(scalars.get(tag, [])) == 2 for tag in wanted), sorted(scalars)
+    assert scalars["hina/nonfinite_skipped"] == [0.0, 0.0]
+    assert sdxl.weights()
