@@ -1,8 +1,9 @@
-"""Tiny, randomly initialised SD1 and SDXL models for the real-kohya tests, built offline (executed by the kohya
+"""Tiny, randomly initialised SD1, SDXL and Flux models for the real-kohya tests, built offline (executed by the kohya
 virtualenv's python: sd-scripts' pinned diffusers and transformers write it).
 
     python fixture.py OUT_DIR
     python fixture.py --sdxl OUT_DIR SD_SCRIPTS_DIR
+    python fixture.py --flux OUT_DIR SD_SCRIPTS_DIR
 
 writes ``OUT_DIR/model`` (a diffusers StableDiffusionPipeline folder: CLIP text encoder, VAE, U-Net, DDPM
 scheduler), ``OUT_DIR/tokenizers/openai_clip-vit-large-patch14`` (a CLIP tokenizer over a byte-level vocabulary,
@@ -11,7 +12,7 @@ DreamBooth-style folder: eight 64x64 images with ``.txt`` captions, one repeat) 
 (the same with eight copies of one picture, for the resume test). With ``--sdxl`` it writes the SDXL fixture
 instead (:func:`build_sdxl`): ``OUT_DIR/sdxl.safetensors``, a single-file SDXL checkpoint written by
 sd-scripts' own code from its SDXL classes shrunk to ``SDXL`` (:func:`write_sdxl`), both SDXL tokenizers and the
-same pictures.
+same pictures. With ``--flux`` the Flux fixture (:func:`build_flux`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ SDXL = {"model_channels": 32, "transformer_layers": 1, "vae_channels": 32,
                 "projection_dim": 32},
         "te2": {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                 "projection_dim": 32}}
+
+#: the Flux model's sizes; kohya_shim.shrink_flux shrinks sd-scripts' Flux classes and loaders to them (the
+#: numbers of double and single blocks sd-scripts reads from the checkpoint)
+FLUX = {"flux": {"hidden_size": 64, "num_heads": 2, "axes_dim": [8, 12, 12]}, "double_blocks": 2, "single_blocks": 2,
+        "ae": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1},
+        "clip_l": {"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "projection_dim": 32},
+        "t5": {"vocab_size": 192, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2}}
 
 
 def define_torchvision_ops() -> None:
@@ -169,6 +178,72 @@ def build_sdxl(out: Path, sd_scripts: Path) -> Path:
     return out
 
 
+def write_t5_tokenizer(folder: Path) -> int:
+    """A T5 tokenizer (sentencepiece-style unigram over printable ASCII, ``</s>`` appended), saved as
+    ``T5TokenizerFast`` as sd-scripts loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(c, -2.0) for c in chars] \
+        + [("\u2581" + c, -1.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                                model_max_length=512)
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def build_flux(out: Path, sd_scripts: Path) -> Path:
+    """The Flux fixture (BFL single files, as sd-scripts' Flux scripts take them): ``OUT_DIR/flux.safetensors``
+    (the flow model, dev: with guidance embedding), ``clip_l.safetensors``, ``t5xxl.safetensors``,
+    ``ae.safetensors``; the CLIP-L and T5 tokenizers (also as a hub cache under ``OUT_DIR/hub``); the pictures. Built from sd-scripts' own classes shrunk by
+    ``kohya_shim.shrink_flux``."""
+    import torch
+    from safetensors.torch import save_file
+
+    define_torchvision_ops()
+    out.mkdir(parents=True, exist_ok=True)
+    assert write_tokenizer(out / "tokenizers" / "openai_clip-vit-large-patch14") == FLUX["clip_l"]["vocab_size"]
+    assert write_t5_tokenizer(out / "tokenizers" / "google_t5-v1_1-xxl") == FLUX["t5"]["vocab_size"]
+    # flux_train.py builds its FluxTokenizeStrategy without --tokenizer_cache_dir, so it asks the hub for both
+    # tokenizers: the same files in a hub cache layout (the tests run it with HF_HUB_CACHE=OUT_DIR/hub, offline)
+    for repo, name in (("openai/clip-vit-large-patch14", "openai_clip-vit-large-patch14"), ("google/t5-v1_1-xxl", "google_t5-v1_1-xxl")):
+        cache = out / "hub" / ("models--" + repo.replace("/", "--"))
+        snapshot = cache / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text("0" * 40)
+        for file in (out / "tokenizers" / name).iterdir():
+            (snapshot / file.name).write_bytes(file.read_bytes())
+    sys.path.insert(0, str(sd_scripts))
+    from kohya_shim import shrink_flux
+
+    shrink_flux()
+    from dataclasses import replace
+
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    import library.flux_models as fm
+    import library.flux_utils as fu
+
+    torch.manual_seed(0)
+    spec = fm.configs[fu.MODEL_NAME_DEV]
+    flux = fm.Flux(replace(spec.params, depth=FLUX["double_blocks"], depth_single_blocks=FLUX["single_blocks"]))
+    ae = fm.AutoEncoder(spec.ae_params)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", max_position_embeddings=77, pad_token_id=1, bos_token_id=0,
+                                        eos_token_id=2, **FLUX["clip_l"]))  # the keys of sd-scripts' CLIPConfig build
+    t5 = T5EncoderModel(fu.T5Config(feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new", pad_token_id=0,
+                                    eos_token_id=1, relative_attention_num_buckets=32, relative_attention_max_distance=128))
+    for name, model in (("flux", flux), ("ae", ae), ("clip_l", clip), ("t5xxl", t5)):
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
+    write_images(out / "train" / "1_tiny")
+    return out
+
+
 def read_scalars(logdir: Path) -> dict[str, list[float]]:
     """Every scalar of the TensorBoard event files under ``logdir``: tag -> values in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -185,6 +260,8 @@ def read_scalars(logdir: Path) -> dict[str, list[float]]:
 if __name__ == "__main__":
     if sys.argv[1] == "--scalars":  # for the tests, whose own venv may lack tensorboard
         print(json.dumps(read_scalars(Path(sys.argv[2]))))
+    elif sys.argv[1] == "--flux":
+        print(build_flux(Path(sys.argv[2]), Path(sys.argv[3])))
     elif sys.argv[1] == "--sdxl":
         print(build_sdxl(Path(sys.argv[2]), Path(sys.argv[3])))
     else:

@@ -10,7 +10,8 @@ Before sd-scripts is imported it:
 * shrinks sd-scripts' own SD1 U-Net (``library/original_unet.py`` builds it from module constants) to the
   fixture's widths (``fixture.UNET``), so the diffusers U-Net in the fixture's folder loads into it;
 * for an ``sdxl_*.py`` script, shrinks sd-scripts' SDXL U-Net, text encoders and VAE (:func:`shrink_sdxl`) to
-  ``fixture.SDXL``, so the fixture's single-file SDXL checkpoint loads through sd-scripts' own loader.
+  ``fixture.SDXL``, so the fixture's single-file SDXL checkpoint loads through sd-scripts' own loader; for a
+  ``flux_*.py`` script, its Flux model, CLIP-L, T5-XXL and autoencoder (:func:`shrink_flux`) to ``fixture.FLUX``.
 
 Then it runs the script as ``__main__`` (kohya's own entry point, our hook attaching by itself) or, with
 ``--launcher``, through ``sd-hina-train`` (``sd_hina_plugin.kohya.launcher.main``). ``--no-hook`` disables
@@ -81,6 +82,37 @@ def shrink_sdxl() -> None:
     mu.VAE_PARAMS_NUM_RES_BLOCKS = 1
 
 
+def shrink_flux() -> None:
+    """Shrink sd-scripts' Flux models to ``fixture.FLUX``: the dev/schnell ``ModelSpec`` params of
+    ``library/flux_models.py`` (widths; the block counts come from the checkpoint, as sd-scripts reads them), the
+    ``CLIPConfig(...)`` and ``T5Config(...)`` calls of ``library/flux_utils.py``'s CLIP-L and T5-XXL loaders, and the
+    autoencoder's widths."""
+    from dataclasses import replace
+
+    from fixture import FLUX
+
+    import library.flux_models as fm
+    import library.flux_utils as fu
+
+    if getattr(fm, "_tiny", False):
+        return
+    fm._tiny = True
+    for name, spec in list(fm.configs.items()):
+        params = replace(spec.params, vec_in_dim=FLUX["clip_l"]["hidden_size"], context_in_dim=FLUX["t5"]["d_model"],
+                         **FLUX["flux"])
+        ae = replace(spec.ae_params, **FLUX["ae"]) if spec.ae_params is not None else None
+        fm.configs[name] = replace(spec, params=params, ae_params=ae)
+    clip_config, t5_config = fu.CLIPConfig, fu.T5Config
+
+    def tiny_clip_config(**kwargs):
+        return clip_config(**{**kwargs, **FLUX["clip_l"]})
+
+    def tiny_t5_config(**kwargs):
+        return t5_config(**{**kwargs, **FLUX["t5"]})
+
+    fu.CLIPConfig, fu.T5Config = tiny_clip_config, tiny_t5_config
+
+
 def main(argv: list[str]) -> None:
     sd_scripts, rest = Path(argv[0]).resolve(), argv[1:]
     flags = set()
@@ -96,6 +128,8 @@ def main(argv: list[str]) -> None:
     shrink_unet()
     if Path(rest[0]).name.startswith("sdxl_"):
         shrink_sdxl()
+    if Path(rest[0]).name.startswith("flux_"):
+        shrink_flux()
     if "--no-hook" in flags:  # for the test that shows a broken hook fails the TensorBoard check
         import sd_hina_plugin.engine.base as base
 
