@@ -37,7 +37,7 @@ from ..numerics.rounding import stochastic_round_
 from . import distributed
 from .binding import Binding
 from .checkpoint import FORMAT_VERSION, Checkpointing
-from .naming import Naming
+from .naming import NameMemo, Naming
 from .compiled import CompiledSteps, run_chain
 from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs, upload
@@ -127,7 +127,7 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
         #: the packs of the groups being stepped, while step() runs
         self._step_packs: list[list[Pack]] | None = None
         #: names learnt for tensors so far (by id), which the views an engine cuts from its partitions inherit
-        self._names_seen: dict[int, str] = {}
+        self._names_seen = NameMemo()
         self._pool = ScratchPool.shared()  # one per process, shared by every optimizer (see ScratchPool)
         self._pool_generation = self._pool.generation
         self._stats: dict[str, torch.Tensor | float] = {}

@@ -20,6 +20,7 @@ Techniques see members only: what a member is a view of is this module's busines
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,8 +43,9 @@ class Binding:
         #: every group the optimizer has known, in the order it became known (a pack's ``group_index`` is its place here)
         self.groups: list[dict[str, Any]] = []
         self._index: dict[int, int] = {}
-        #: the tensors each group was built with (by home index): what an engine's flat partition stands for
-        self._origins: dict[int, list[torch.Tensor]] = {}
+        #: the tensors each group was built with (by home index): what an engine's flat partition stands for; held
+        #: weakly, so that parameters a user or an engine replaced can be freed
+        self._origins: dict[int, list[weakref.ref]] = {}
         self._planned: dict[int, _Planned] = {}
         #: a member that is a view of part of a flat partition: id(member) -> its fragment
         self._fragments: dict[int, distributed.Fragment] = {}
@@ -61,7 +63,7 @@ class Binding:
         if index is None or self.groups[index] is not group:
             index = self._index[id(group)] = len(self.groups)
             self.groups.append(group)
-            self._origins[index] = list(group["params"])
+            self._origins[index] = [weakref.ref(p) for p in group["params"]]
         return index
 
     def record(self, group: dict[str, Any]) -> int:
@@ -84,7 +86,7 @@ class Binding:
             self._fragments.pop(id(old), None)
         out: list[torch.Tensor] = []
         exchanges: list[distributed.Exchange] = []
-        origins = self._origins[index]
+        origins = [p for p in (ref() for ref in self._origins[index]) if p is not None]
         known = {id(p) for p in origins}
         for p in group["params"]:
             if id(p) in known:

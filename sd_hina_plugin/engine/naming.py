@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -20,6 +21,29 @@ from ..lora.names import classify
 
 logger = logging.getLogger("sd_hina_plugin")
 _KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
+
+
+class NameMemo:
+    """Names learnt for tensors, by id, valid only while the tensor they were learnt for lives (an id can be taken by
+    a new tensor once the old one is gone, and must not inherit its name)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, str]] = {}
+
+    def learn(self, tensor: torch.Tensor, name: str) -> None:
+        self._entries[id(tensor)] = (weakref.ref(tensor), name)
+
+    def get(self, key: int) -> str | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is None:
+            return None
+        return entry[1]
+
+    def as_dict(self) -> dict[int, str]:
+        return {key: name for key, (ref, name) in self._entries.items() if ref() is not None}
+
+    def __bool__(self) -> bool:
+        return bool(self.as_dict())
 
 
 class Naming:
@@ -45,9 +69,10 @@ class Naming:
                 found = discovery.names_from_module_scan(own)
                 source = "module scan"
             names = {**found, **names}
-            if not wanted <= names.keys() and wanted <= (names.keys() | self._names_seen.keys()):
+            learnt = self._names_seen.as_dict()
+            if not wanted <= names.keys() and wanted <= (names.keys() | learnt.keys()):
                 # names learnt earlier (attach_names, or before a tensor changed requires_grad) still hold
-                names, source = {**self._names_seen, **names}, getattr(self, "_lora", None) and self._lora.source or "names learnt earlier"
+                names, source = {**learnt, **names}, getattr(self, "_lora", None) and self._lora.source or "names learnt earlier"
             if not wanted <= names.keys():
                 source = "none"
         if not own and self._names_seen:  # every tensor cut from an engine's partitions: their parameters' names
@@ -77,7 +102,8 @@ class Naming:
                 split += 1
         self._lora = LoraLayout.build(self._binding.all_members(), names, source)
         if self._lora.source != "shape rules":
-            self._names_seen.update(self._lora.name_of)
+            for name, p in self._lora.params.items():
+                self._names_seen.learn(p, name)
         self._names_reported = False
         for pack in self._all_planned():
             pack.derived.clear()
@@ -105,10 +131,13 @@ class Naming:
         """Give the optimizer parameter names: an ``nn.Module`` or an iterable of ``(name, parameter)``."""
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
+        named_parameters = list(named_parameters)
         names = {id(p): n for n, p in named_parameters}
         # parameters an engine has since cut into partitions (DeepSpeed) pass their names on to the views of them
         sources = {id(f.source) for _, m in self._binding.all_members() if (f := self._binding.fragment(m)) is not None}
-        self._names_seen.update((i, n) for i, n in names.items() if i in sources)
+        for n, p in named_parameters:
+            if id(p) in sources:
+                self._names_seen.learn(p, n)
         wanted = self._trainable_ids() | sources
         covered = len(wanted & names.keys())
         if not covered:

@@ -160,6 +160,8 @@ def _attach_to_accelerator(optimizer: Any, local: dict[str, Any]) -> bool:
         for i, opt in enumerate(live):
             if len(opt.param_groups) == 1:
                 label = blocks[i] if isinstance(blocks, (list, tuple)) and len(blocks) >= len(live) else f"block{i:02d}"
+                if isinstance(label, (tuple, list)):  # flux_train.py's keys: ("double", 0) -> double_0
+                    label = "_".join(str(part) for part in label)
                 opt.param_groups[0]["hina_desc"] = str(label).replace(" ", "_")
     if len(live) == 1:
         logger.info("%s: attached to kohya's step logs (hina/* scalars)", type(optimizer).__name__)
