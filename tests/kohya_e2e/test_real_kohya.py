@@ -557,3 +557,66 @@ def test_flux_train_blockwise_tags_are_plain_names(flux):
     tags = [t for t in scalars if t.startswith("hina/")]
     assert tags and all(re.fullmatch(r"hina/[A-Za-z0-9_./-]+", t) for t in tags), sorted(tags)
     assert any(t.startswith("hina/lr/double_0") for t in tags), sorted(tags)
+
+
+# ---- LyCORIS on SDXL, --save_state/--resume on SDXL and Flux ----
+
+
+def test_sdxl_lycoris_lokr_with_hina_adamw_logs_lokr_scalars(sdxl):
+    """Real ``sdxl_train_network.py`` with LyCORIS LoKr (``lycoris.kohya``, algo=lokr, factor=4, preset=attn-mlp)
+    and HinaAdamWOptimizer: it trains, saves LoKr weights and logs hina/lokr/* beside kohya's scalars."""
+    args = sdxl.base(steps=3, optimizer="sd_hina_plugin.HinaAdamWOptimizer", logs=True)
+    args[args.index("networks.lora")] = "lycoris.kohya"
+    done = sdxl(args + ["--network_args", "algo=lokr", "factor=4", "preset=attn-mlp"], script="sdxl_train_network.py")
+    assert "use sd_hina_plugin.HinaAdamWOptimizer " in _log(done)
+    scalars = sdxl.scalars()
+    assert any(t.startswith("hina/lokr/") for t in scalars), sorted(scalars)
+    assert scalars["hina/nonfinite_skipped"] == [0.0] * 3
+    assert "loss/current" in scalars
+    assert any(k.endswith("lokr_w1") for k in sdxl.weights())
+
+
+def _same_pictures(run: Run, to: Path) -> Path:
+    """A DreamBooth folder of eight copies of the fixture's first picture and caption (see the SD1 resume test:
+    with identical pictures kohya's reshuffled data order after a resume does not matter)."""
+    import shutil
+
+    folder = to / "1_same"
+    folder.mkdir(parents=True)
+    source = run.fixture / "train" / "1_tiny"
+    for i in range(8):
+        shutil.copyfile(source / "img0.png", folder / f"img{i}.png")
+        shutil.copyfile(source / "img0.txt", folder / f"img{i}.txt")
+    return to
+
+
+def _resume_is_one_run(base: Run, tmp_path: Path, script: str, extra) -> None:
+    """8 steps straight == 4 steps, --save_state_on_train_end, then --resume to step 8, bit for bit (at an epoch
+    boundary: 8 identical pictures, batch 2), with Automagic_CameAMP8bit; ``extra(run, args)`` finishes the args."""
+    same = _same_pictures(base, tmp_path / "train_same")
+    opt = ["--optimizer_type", "sd_hina_plugin.Automagic_CameAMP8bit", "--optimizer_args", "warmup_steps=6"]
+
+    def run(name, steps, *more):
+        r = Run(base.fixture, tmp_path / name, model=base.model)
+        r.work.mkdir()
+        args = r.base(steps=steps, optimizer=None)
+        args[args.index(str(base.fixture / "train"))] = str(same)
+        r(extra(r, args) + opt + list(more), script=script)
+        return r
+
+    straight = run("straight", 8)
+    first = run("first", 4, "--save_state_on_train_end")
+    state = first.work / "out" / "net-state"
+    assert (state / "optimizer.bin").is_file(), sorted(p.name for p in state.iterdir())
+    resumed = run("resumed", 8, "--resume", str(state))
+    a, b, half = straight.weights(), resumed.weights(), first.weights()
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - half[k].float()).abs().max().item() for k in a) > 0  # steps 5-8 moved the weights
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst == 0.0, f"resumed run differs from the straight one by {worst}"
+
+
+def test_sdxl_save_state_and_resume_continue_as_one_run(sdxl, tmp_path):
+    """``sdxl_train_network.py`` LoRA with Automagic_CameAMP8bit: --save_state_on_train_end at step 4 and --resume
+    to step 8 end bit for bit where 8 straight steps end."""
+    _resume_is_one_run(sdxl, tmp_path, "sdxl_train_network.py", lambda r, args: args)
