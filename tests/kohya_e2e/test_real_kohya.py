@@ -620,3 +620,13 @@ def test_sdxl_save_state_and_resume_continue_as_one_run(sdxl, tmp_path):
     """``sdxl_train_network.py`` LoRA with Automagic_CameAMP8bit: --save_state_on_train_end at step 4 and --resume
     to step 8 end bit for bit where 8 straight steps end."""
     _resume_is_one_run(sdxl, tmp_path, "sdxl_train_network.py", lambda r, args: args)
+
+
+def test_flux_save_state_and_resume_continue_as_one_run(flux, tmp_path):
+    """``flux_train_network.py`` (networks.lora_flux) with Automagic_CameAMP8bit: --save_state_on_train_end at step
+    4 and --resume to step 8 end bit for bit where 8 straight steps end."""
+    def extra(r, args):
+        args[args.index("networks.lora")] = "networks.lora_flux"
+        return _flux_args(r, args)
+
+    _resume_is_one_run(flux, tmp_path, "flux_train_network.py", extra)
