@@ -244,6 +244,27 @@ def build_flux(out: Path, sd_scripts: Path) -> Path:
     return out
 
 
+def write_flux_model(path: Path, sd_scripts: Path, double_blocks: int, single_blocks: int) -> None:
+    """Only the flow model of the Flux fixture, with other block counts (``--blocks_to_swap`` needs at least
+    two blocks of each kind left on the device); it goes with the CLIP-L, T5 and autoencoder of ``--flux``."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import save_file
+
+    define_torchvision_ops()
+    sys.path.insert(0, str(sd_scripts))
+    from kohya_shim import shrink_flux
+
+    shrink_flux()
+    import library.flux_models as fm
+    import library.flux_utils as fu
+
+    torch.manual_seed(0)
+    flux = fm.Flux(replace(fm.configs[fu.MODEL_NAME_DEV].params, depth=double_blocks, depth_single_blocks=single_blocks))
+    save_file({k: v.detach().clone().contiguous() for k, v in flux.state_dict().items()}, str(path))
+
+
 def read_scalars(logdir: Path) -> dict[str, list[float]]:
     """Every scalar of the TensorBoard event files under ``logdir``: tag -> values in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -262,6 +283,8 @@ if __name__ == "__main__":
         print(json.dumps(read_scalars(Path(sys.argv[2]))))
     elif sys.argv[1] == "--flux":
         print(build_flux(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif sys.argv[1] == "--flux-model":  # PATH SD_SCRIPTS DOUBLE SINGLE: a flow model alone, with more blocks
+        write_flux_model(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     elif sys.argv[1] == "--sdxl":
         print(build_sdxl(Path(sys.argv[2]), Path(sys.argv[3])))
     else:
