@@ -200,9 +200,9 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
             wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
                      if p.dtype not in self.PARAM_DTYPES]
         else:
+            mine = {id(m) for m in members} | {id(f.owner) for m in members if (f := self._binding.fragment(m)) is not None}
             wrong = [(self._binding.home(g), j, p.dtype) for g in self.param_groups for j, p in enumerate(g["params"])
-                     if any(p is m or (f := self._binding.fragment(m)) is not None and f.owner is p for m in members)
-                     and p.dtype not in self.PARAM_DTYPES]
+                     if id(p) in mine and p.dtype not in self.PARAM_DTYPES]
         if wrong:
             listed = ", ".join(f"group {gi} parameter {j} ({str(dt).replace('torch.', '')})" for gi, j, dt in wrong[:5])
             more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
@@ -346,15 +346,22 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
         """Plan ``group`` for the tensors it holds now. A tensor it held before keeps its state; one it no longer holds
         keeps its state in ``optimizer.state`` (as in torch.optim) and continues from it if it comes back; a new one
         starts fresh."""
-        old = [p for pack in self._binding.planned(group) or [] for p in pack.params]
+        old_packs = self._binding.planned(group) or []
+        old = [p for pack in old_packs for p in pack.params]
         members = self._binding.members(group)
+        # state held in this group's old buffers: a tensor that moved to another group since holds its state there
+        # (planned first, it must not be cut off from it here)
+        buffers = {buf.untyped_storage().data_ptr() for pack in old_packs for buf in pack.storage.values()}
         previous: dict[int, dict[str, Any]] = {}
         for p in old + members if carry else ():
             entry = dict.get(self.state, p)
             if entry and id(p) not in previous:
-                # copies, so that the old packs' buffers can go; the entry itself keeps them until it is planned again
                 previous[id(p)] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in dict.items(entry)}
-                dict.update(entry, previous[id(p)])
+                if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in buffers for v in dict.values(entry)):
+                    # copies, so that the old buffers can go; the entry keeps them until the tensor is planned again
+                    dict.update(entry, previous[id(p)])
+        for pack in old_packs:
+            self.mask_means.pop(id(pack), None)
         self._check_dtypes(members)
         if any(id(p) not in self._lora.name_of for p in members):
             self._discover_names()

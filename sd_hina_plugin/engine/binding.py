@@ -53,6 +53,8 @@ class Binding:
         self._expanded: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
         #: replicas of tensors split between ranks, by home index (see engine/distributed.py)
         self._exchanges: dict[int, list[distributed.Exchange]] = {}
+        #: id(member) -> (member, home index) of every planned member
+        self._home_of: dict[int, tuple[torch.Tensor, int]] = {}
         #: the adapter module of a parameter (set by the optimizer from the names it learnt)
         self.module_of: Callable[[torch.Tensor], str | None] = lambda p: None
 
@@ -148,8 +150,17 @@ class Binding:
         """New packs for ``group``'s ``members`` (``make(home index, group, members)``), replacing its old ones."""
         index = self.home(group)
         packs = make(index, group, members)
+        old = self._planned.get(index)
+        for m in old.members if old is not None else ():
+            self._home_of.pop(id(m), None)
+        self._home_of.update((id(m), (m, index)) for m in members)
         self._planned[index] = _Planned(group, self.signature(group), members, packs)
         return packs
+
+    def group_of(self, member: torch.Tensor) -> dict[str, Any] | None:
+        """The group whose packs train ``member`` (as last planned; None if none does)."""
+        entry = self._home_of.get(id(member))
+        return self.groups[entry[1]] if entry is not None and entry[0] is member else None
 
     def planned(self, group: dict[str, Any]) -> list[Pack] | None:
         """The packs last planned for ``group`` (None if none), without checking its tensors."""
@@ -158,6 +169,7 @@ class Binding:
 
     def forget(self) -> None:
         self._planned.clear()
+        self._home_of.clear()
 
     @property
     def any_planned(self) -> bool:

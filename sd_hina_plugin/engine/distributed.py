@@ -19,8 +19,8 @@ Per tensor, per row and column and per LoRA pair, the result is that of one proc
 (AdaDecay's spread of gradient sizes, AdamW_HinaAdaptive's importance, C-Optim's context) are over the tensors of
 this rank's partition: a documented reduced form, said in one log line at the first step.
 
-Where DeepSpeed's map cannot be followed (a layout other than the plain one, e.g. round-robin gradients), split
-parameters are trained as 1-D tensors of their local part, and the log line says so.
+A layout other than the plain one (``round_robin_gradients``, ``parameter_alignment``) is refused at the first
+step with an error saying so.
 
 **ZeRO-3** partitions every parameter and steps sub-groups of a group one by one; it is refused with a clear error.
 """
@@ -36,9 +36,8 @@ import torch
 @dataclass
 class Fragment:
     """What a member cut from a flat partition ``owner`` stands for: the model parameter ``source`` (number
-    ``index`` of its group), held as a view of ``owner[start:start + numel]`` (``kind="view"``), as a whole-tensor
-    replica (``"replica"``) or, where DeepSpeed's layout could not be followed, as a 1-D view of its local part
-    (``"part"``)."""
+    ``index`` of its group), held as a view of ``owner[start:start + numel]`` (``kind="view"``) or as a whole-tensor
+    replica (``"replica"``)."""
 
     owner: torch.Tensor
     index: int
@@ -52,10 +51,6 @@ class Fragment:
     grad_value: torch.Tensor | None = None
 
     @property
-    def whole(self) -> bool:
-        return self.kind != "part"
-
-    @property
     def key(self) -> int:
         """The fragment's key in checkpoints: its parameter's place in the group."""
         return self.index
@@ -64,8 +59,7 @@ class Fragment:
         if self.kind == "replica":
             return self.value
         start, _, numel = self.ranges[0]
-        shape = tuple(self.source.shape) if self.kind == "view" else (numel,)
-        return self.owner.detach().view(-1).narrow(0, start, numel).view(shape)
+        return self.owner.detach().view(-1).narrow(0, start, numel).view(tuple(self.source.shape))
 
     def grad(self) -> torch.Tensor | None:
         if self.kind == "replica":
@@ -74,7 +68,7 @@ class Fragment:
         if g is None:
             return None
         start, _, numel = self.ranges[0]
-        return g.view(-1).narrow(0, start, numel).view(tuple(self.source.shape) if self.kind == "view" else (numel,))
+        return g.view(-1).narrow(0, start, numel).view(tuple(self.source.shape))
 
 
 @dataclass
@@ -91,7 +85,10 @@ class Exchange:
         import torch.distributed as dist
 
         grad = self.owner.grad
-        buf = torch.zeros(2 * self.total, dtype=self.owner.dtype, device=self.owner.device)
+        # on the device the process group communicates on (NCCL: the GPU, also when ZeRO-Offload keeps the partition
+        # on the CPU)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else self.owner.device
+        buf = torch.zeros(2 * self.total, dtype=self.owner.dtype, device=device)
         flat_owner = self.owner.detach().view(-1)
         for fragment, offset, numel in self.shared:
             for start, src, n in fragment.ranges if fragment is not None else ():
@@ -99,6 +96,7 @@ class Exchange:
                 if grad is not None:
                     buf[self.total + offset + src:self.total + offset + src + n].copy_(grad.view(-1)[start:start + n])
         dist.all_reduce(buf)
+        buf = buf.to(self.owner.device)
         for fragment, offset, numel in self.shared:
             if fragment is not None:
                 fragment.value.view(-1).copy_(buf[offset:offset + numel])
@@ -154,13 +152,17 @@ def partition(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int,
         hp = getattr(mapping, "hp_fragment", None)
         if hp is not None and hp.untyped_storage().data_ptr() == storage:
             local[i] = (hp.storage_offset() - flat.storage_offset(), mapping.lp_fragment_address.start, hp.numel())
-    if not local:
+    # DeepSpeed gives every parameter of the group the attribute, None where this rank holds none of it: a rank whose
+    # partition is padding only still takes part in the group's exchange
+    if not local and not any(hasattr(p, "_hp_mapping") for p in origins):
         return None
     holders = _holders(flat, origins, local)
-    if holders is None:  # a layout we cannot follow: split parameters as 1-D parts
-        fragments = [Fragment(flat, i, origins[i], "view" if r[1] == 0 and r[2] == origins[i].numel() else "part", [r])
-                     for i, r in local.items()]
-        return sorted(fragments, key=lambda f: f.ranges[0][0]), None
+    if holders is None:
+        # (an error, not a fallback: another rank may have followed the layout and would wait for this one forever)
+        raise TypeError(
+            f"param group {group_index}: DeepSpeed's partition layout here is not the plain one (parameters in order, "
+            f"partitions of {flat.numel()} elements): switch off zero_optimization's round_robin_gradients and "
+            f"parameter_alignment settings, which these optimizers cannot follow")
     # shared: split between ranks, or in an adapter module (within the group) whose tensors lie on several ranks;
     # every rank holding part of any tensor of such a module keeps all of the module, so that pairs stay whole
     spread: dict[str, set[int]] = {}
@@ -177,7 +179,7 @@ def partition(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int,
         fragment = None
         if rank in participants[i]:
             # until the first gather: the model's copy (whole on every rank), this rank's range from the partition
-            value = origins[i].detach().to(flat.dtype, copy=True)
+            value = origins[i].detach().to(device=flat.device, dtype=flat.dtype, copy=True)
             ranges = [local[i]] if i in local else []
             for start, src, n in ranges:
                 value.view(-1)[src:src + n].copy_(flat.detach().view(-1)[start:start + n])
@@ -222,13 +224,9 @@ def describe(fragments: list[Fragment]) -> str | None:
         return None
     engine = fragments[0].engine
     views = sum(f.kind == "view" for f in fragments)
-    replicas = sum(f.kind == "replica" for f in fragments)
-    parts = sum(f.kind == "part" for f in fragments)
-    line = (f"{engine}: this rank trains {views} tensors as views of its partition and {replicas} whole copies of "
+    replicas = len(fragments) - views
+    return (f"{engine}: this rank trains {views} tensors as views of its partition and {replicas} whole copies of "
             f"tensors split between ranks or in a LoRA/LoKr module spread over ranks (shapes and names from "
-            f"{engine}'s partition map: per-tensor, row/column and pair statistics as in one process)")
-    if parts:
-        line += (f"; {parts} split tensors in a layout that could not be followed are trained as 1-D tensors of their "
-                 f"local part (per-tensor statistics of that part)")
-    return line + "; statistics across tensors (AdaDecay, importance, C-Optim context) are over this rank's tensors"
+            f"{engine}'s partition map: per-tensor, row/column and pair statistics as in one process); statistics "
+            f"across tensors (AdaDecay, importance, C-Optim context) are over this rank's tensors")
 

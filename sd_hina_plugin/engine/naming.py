@@ -89,17 +89,11 @@ class Naming:
 
     def _set_layout(self, names: dict[int, str], source: str) -> None:
         names = dict(names)
-        split = 0
         for _, member in self._binding.all_members():
             fragment = self._binding.fragment(member)
-            if fragment is None:
-                continue
-            seen = self._names_seen.get(id(fragment.source))
-            if fragment.whole and seen is not None:
+            seen = self._names_seen.get(id(fragment.source)) if fragment is not None else None
+            if seen is not None:
                 names[id(member)] = seen
-            else:  # part of a tensor split between ranks: a 1-D tensor of no adapter role
-                names[id(member)] = f"partition_part{split}"
-                split += 1
         self._lora = LoraLayout.build(self._binding.all_members(), names, source)
         if self._lora.source != "shape rules":
             for name, p in self._lora.params.items():

@@ -47,12 +47,12 @@ class Reporting:
 
     def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any] | None:
         """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet."""
-        for group in self.param_groups:
-            if any(q is p for q in self._binding.members(group)):
-                for tech in self.techniques(group):
-                    if hasattr(tech, "mask_of") and self.state.get(p):
-                        return group, tech
-                return None
+        group = self._binding.group_of(p)
+        if group is None or not any(g is group for g in self.param_groups):
+            return None
+        for tech in self.techniques(group):
+            if hasattr(tech, "mask_of") and self.state.get(p):
+                return group, tech
         return None
 
     def lr_mask(self, p: torch.Tensor) -> torch.Tensor | None:

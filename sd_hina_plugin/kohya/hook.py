@@ -48,6 +48,25 @@ def unwrap(optimizer: Any) -> Any:
     return optimizer
 
 
+def feed_loss(opt: Any, loss: Any) -> None:
+    """Hand kohya's step loss to an optimizer that takes it (``observe_loss``: the COptim context's loss trend), in a
+    single process only. kohya logs on the main process alone, so under several processes only rank 0 would see the
+    loss, its lr multiplier would follow it, and replicas that DDP keeps equal would drift apart; there the context
+    follows the gradients alone (the same on every rank), and the log says so once."""
+    observe = getattr(opt, "observe_loss", None)
+    if observe is None or loss is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not getattr(opt, "_sd_hina_loss_note", False):
+            opt._sd_hina_loss_note = True
+            logger.info("%s: %d processes: the step loss, which kohya logs on the main process only, is not used (the "
+                        "context follows the gradients, the same on every rank)", type(opt).__name__, dist.get_world_size())
+        return
+    observe(loss)
+
+
 #: kohya's signature: generate_step_logs(self, args, current_loss, avr_loss, lr_scheduler, lr_descriptions,
 #: optimizer=None, ...); positions below count from ``args``
 _LOSS, _OPTIMIZER = 1, 5
@@ -69,9 +88,7 @@ def wrap_step_logs(original: Callable[..., dict], get_optimizer: Callable[[tuple
             if opt is None:
                 return logs
             loss = kwargs.get("current_loss", positional[_LOSS] if len(positional) > _LOSS else None)
-            observe = getattr(opt, "observe_loss", None)
-            if observe is not None and loss is not None:
-                observe(loss)
+            feed_loss(opt, loss)
             if isinstance(logs, dict):
                 logs.update(opt.stats())
         except Exception as exc:  # logging must never break training
@@ -139,9 +156,7 @@ def _attach_to_accelerator(optimizer: Any, local: dict[str, Any]) -> bool:
                 if isinstance(values, dict) and "loss" in values:
                     live = [o for o in (ref() for ref in registry) if o is not None]
                     for opt in live:
-                        observe = getattr(opt, "observe_loss", None)
-                        if observe is not None:
-                            observe(values["loss"])
+                        feed_loss(opt, values["loss"])
                     if live:
                         values = {**values, **merged_stats(live)}
             except Exception as exc:  # logging must never break training

@@ -550,6 +550,8 @@ def test_params_replaced_reshaped_and_groups_added_after_steps(variant):
     extra = torch.nn.Parameter(torch.randn(6, 5, dtype=dtype, device=DEVICE))
     opt.add_param_group({"params": [extra], "lr": lr})
     before = {id(t): t.detach().clone() for t in (swapped, reshaped, extra)}
+    opt._init_state()  # what the next step plans: group 1's kept tensors keep their state bit for bit
+    assert all(torch.equal(opt.state[params[2]][k], v) for k, v in kept.items())
     for _ in range(3):
         for t in opt.param_groups[0]["params"] + opt.param_groups[1]["params"] + [extra]:
             t.grad = torch.randn_like(t) * 0.1
@@ -560,6 +562,23 @@ def test_params_replaced_reshaped_and_groups_added_after_steps(variant):
         assert not torch.equal(t, before[id(t)]) or any(v.float().abs().sum() > 0 for v in state if v.dtype.is_floating_point), \
             "a tensor put in after construction did not train"
     assert kept.keys() <= opt.state[params[2]].keys()
-    assert all(opt.state[params[0]][k] is not None for k in opt.state[params[0]])  # the replaced one keeps its state
     saved = roundtrip(opt.state_dict())
     assert len(saved["param_groups"]) == 3 and len(saved["state"]) == sum(len(g["params"]) for g in opt.param_groups)
+
+
+def test_a_tensor_moved_to_an_earlier_group_keeps_live_state(variant):
+    """A tensor moved from group 1 to group 0: group 0 is planned first and takes over its state; group 1's replan
+    must not cut the tensor's state entry off from the buffers that train it (its state_dict and resume would go
+    stale)."""
+    name, kwargs, lr = variant
+    model, data, opt = _two_groups(name, kwargs, lr)
+    train(model, opt, data, 2)
+    params = trainable(model)
+    moved = params[2]
+    opt.param_groups[0]["params"] = params[:2] + [moved]
+    opt.param_groups[1]["params"] = params[3:]
+    train(model, opt, data, 2, start=2)
+    entry = {k: v.clone() for k, v in opt.state[moved].items() if isinstance(v, torch.Tensor)}
+    train(model, opt, data, 1, start=4)
+    changed = [k for k, v in opt.state[moved].items() if isinstance(v, torch.Tensor) and not torch.equal(v, entry[k])]
+    assert changed, "the moved tensor's state entry no longer follows its training"

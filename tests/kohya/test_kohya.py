@@ -186,3 +186,21 @@ def test_full_bf16_cast_after_construction_is_checked_at_the_first_step():
         p.grad = torch.ones_like(p)
     with pytest.raises(TypeError, match="needs bfloat16"):
         late.step()
+
+
+def test_the_step_loss_is_not_used_by_several_processes(monkeypatch):
+    """kohya logs (and so hands over the loss) on the main process only: under several processes the COptim context
+    must not follow it, or the ranks' lr multipliers, and so their replicas, would drift apart."""
+    import torch.distributed as dist
+
+    from sd_hina_plugin.kohya.hook import feed_loss
+
+    opt = registry.resolve("Automagic_CameAMP_COptim").cls([torch.nn.Parameter(torch.zeros(2))])
+    seen = []
+    opt.observe_loss = seen.append
+    feed_loss(opt, 0.5)
+    assert seen == [0.5]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    feed_loss(opt, 0.25)
+    assert seen == [0.5]
