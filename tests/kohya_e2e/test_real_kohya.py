@@ -657,3 +657,24 @@ def test_flux_blocks_to_swap_on_cpu_trains_and_logs_our_scalars(flux, tmp_path):
     weights = run.weights()
     ups = [k for k in weights if k.endswith(".lora_up.weight")]
     assert ups and [k for k in ups if not weights[k].abs().max() > 0] == []
+
+
+def test_flux_lycoris_lokr_with_hina_adamw_logs_lokr_scalars(flux):
+    """Real ``flux_train_network.py`` with LyCORIS LoKr (``lycoris.kohya``, algo=lokr, factor=4, preset=attn-mlp:
+    LyCORIS wraps CLIP-L and the Flux DoubleStreamBlock/SingleStreamBlock modules) and HinaAdamWOptimizer: it
+    trains, saves LoKr weights of the Flux blocks and logs hina/lokr/* beside kohya's scalars."""
+    args = flux.base(steps=3, optimizer="sd_hina_plugin.HinaAdamWOptimizer", logs=True)
+    args[args.index("networks.lora")] = "lycoris.kohya"
+    done = flux(_flux_args(flux, args) + ["--network_args", "algo=lokr", "factor=4", "preset=attn-mlp"],
+                script="flux_train_network.py")
+    log = _log(done)
+    assert "Loaded Flux: <All keys matched successfully>" in log, log[-3000:]
+    assert "use sd_hina_plugin.HinaAdamWOptimizer " in log
+    scalars = flux.scalars()
+    assert any(t.startswith("hina/lokr/") for t in scalars), sorted(scalars)
+    assert scalars["hina/nonfinite_skipped"] == [0.0] * 3
+    assert "loss/current" in scalars
+    weights = flux.weights()
+    w1 = [k for k in weights if k.endswith("lokr_w1")]
+    for part in ("lora_te1_", "lora_unet_double_blocks_", "lora_unet_single_blocks_"):
+        assert any(k.startswith(part) for k in w1), (part, sorted(w1)[:8])
