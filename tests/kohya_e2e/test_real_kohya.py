@@ -678,3 +678,59 @@ def test_flux_lycoris_lokr_with_hina_adamw_logs_lokr_scalars(flux):
     w1 = [k for k in weights if k.endswith("lokr_w1")]
     for part in ("lora_te1_", "lora_unet_double_blocks_", "lora_unet_single_blocks_"):
         assert any(k.startswith(part) for k in w1), (part, sorted(w1)[:8])
+
+
+def _sdxl_train_resume(sdxl: Run, tmp_path: Path, optimizer: list[str], groups: int | None) -> dict:
+    """``sdxl_train.py`` (U-Net full fine-tune, ``--fused_optimizer_groups groups`` unless None) on 8 identical
+    pictures, batch 2: 8 steps straight, and 4 steps with --save_state_on_train_end then --resume for 4 more
+    (sdxl_train.py does not restore its step count: the resumed run's --max_train_steps counts from 0). Returns
+    the state folder's files and the differences of the saved checkpoints."""
+    same = _same_pictures(sdxl, tmp_path / "train_same")
+
+    def run(name, steps, *more):
+        r = Run(sdxl.fixture, tmp_path / name, model=sdxl.model)
+        r.work.mkdir()
+        args = r.full(steps=steps, optimizer=None, logs=False)
+        args[args.index(str(sdxl.fixture / "train"))] = str(same)
+        r(args + optimizer + (["--fused_optimizer_groups", str(groups)] if groups else []) + list(more), script="sdxl_train.py")
+        return r
+
+    straight = run("straight", 8)
+    first = run("first", 4, "--save_state_on_train_end")
+    state = first.work / "out" / "net-state"
+    resumed = run("resumed", 4, "--resume", str(state))
+    a, b, half = straight.weights(), resumed.weights(), first.weights()
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch_equal(a[k], b[k])]
+    return {"files": sorted(p.name for p in state.iterdir()),
+            "moved": max((a[k].float() - half[k].float()).abs().max().item() for k in a),
+            "worst": max((a[k].float() - b[k].float()).abs().max().item() for k in a),
+            "differ": differ, "unet": [k for k in a if k.startswith("model.diffusion_model.")]}
+
+
+CAMEAMP8BIT = ["--optimizer_type", "sd_hina_plugin.Automagic_CameAMP8bit", "--optimizer_args", "warmup_steps=6"]
+
+
+def test_sdxl_train_save_state_and_resume_continue_as_one_run(sdxl, tmp_path):
+    """``sdxl_train.py`` (one optimizer) with Automagic_CameAMP8bit: --save_state_on_train_end at step 4 and
+    --resume for 4 more end bit for bit where 8 straight steps end (kohya's AdamW: the same, measured)."""
+    out = _sdxl_train_resume(sdxl, tmp_path, CAMEAMP8BIT, None)
+    assert "optimizer.bin" in out["files"], out["files"]
+    assert out["moved"] > 0  # steps 5-8 moved the weights
+    assert out["worst"] == 0.0, f"resumed run differs from the straight one by {out['worst']} in {len(out['differ'])} tensors"
+
+
+@pytest.mark.parametrize("optimizer", [["--optimizer_type", "AdamW"], CAMEAMP8BIT], ids=["AdamW", "Automagic_CameAMP8bit"])
+def test_sdxl_train_fused_optimizer_groups_resume_reloads_only_the_first_optimizer(sdxl, tmp_path, optimizer):
+    """``sdxl_train.py --fused_optimizer_groups 2``: --save_state writes both optimizers' and schedulers' states
+    (optimizer.bin, optimizer_1.bin, scheduler_1.bin; ours through accelerate like kohya's AdamW), but the resume
+    is not exact, with kohya's own AdamW either: sdxl_train.py calls resume_from_local_or_hf_if_specified before it
+    accelerator.prepare()s optimizers[1:], so accelerate reloads optimizer.bin only and the second block's
+    optimizer starts afresh (measured after 4+4 steps at lr 1e-3: AdamW 0.0071 from the straight run,
+    Automagic_CameAMP8bit 0.017, every U-Net tensor different). The AdamW case asserts that gap, so that a fixed
+    sd-scripts shows here: then both should end bit for bit as the one-optimizer test above does."""
+    out = _sdxl_train_resume(sdxl, tmp_path, optimizer, 2)
+    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= set(out["files"]), out["files"]
+    assert 0 < out["moved"] and out["worst"] < float("inf")
+    if optimizer[1] == "AdamW":
+        assert out["worst"] > 0, "sdxl_train.py now resumes per-block optimizers exactly: make the test bit for bit"
