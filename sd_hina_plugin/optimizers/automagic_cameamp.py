@@ -1,8 +1,8 @@
 """The Automagic_CameAMP family (seed 001): one algorithm, four registered names.
 
 ``Automagic_CameAMP``            fp32 state: momentum, factored CAME statistics, an exact int16 lr mask
-``Automagic_CameAMP8bit``        the same with 8-bit state (momentum blockwise 8-bit, mask as a uint8 lattice
-                                 code, polarity as packed bits; factored statistics fp32)
+``Automagic_CameAMP8bit``        the same with 8-bit state (momentum blockwise 8-bit, mask as a lattice code of
+                                 8-14 bits, 10 by default; polarity as packed bits; factored statistics fp32)
 ``Automagic_CameAMP_COptim``     plus the context module (``optimizer.c_optim``): contextual lr multiplier,
                                  edge-case detection, multi-scale momenta of the training signal
 ``Automagic_CameAMP_COptim8bit`` COptim with 8-bit state
@@ -28,8 +28,8 @@ from ..engine.base import HinaOptimizer
 from ..registry import register
 from ..techniques.agr import AGR
 from ..techniques.apply import LR, WriteParams
-from ..techniques.came import (CameConfidence, CameMomentum, CameSecondMoment, ElementAdaDecay, GramsBlend,
-                               LatticeLrMask)
+from ..techniques.came import (MASK_CODE_VERSION, CameConfidence, CameMomentum, CameSecondMoment, ElementAdaDecay,
+                               GramsBlend, LatticeLrMask, upgrade_mask_codes)
 from ..techniques.context import Context, ContextProbe, ContextScale
 from ..techniques.lora_scales import AllLoraRowScale
 from ..techniques.orthograd import OrthoGrad
@@ -82,6 +82,19 @@ class _CameAMPBase(HinaOptimizer):
             e1, e2, _ = self.Config.FIELDS["eps"].default
             out["eps"] = (e1, e2, float(eps))
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.EIGHT_BIT:  # the version of the 8-bit packs' mask codes (those saved without it are converted)
+            sd["hina"]["mask_code"] = MASK_CODE_VERSION
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also state dicts of the 8-bit names saved with the earlier mask codes: converted (see
+        ``techniques.came.upgrade_mask_codes``)."""
+        if self.EIGHT_BIT:
+            state_dict = upgrade_mask_codes(state_dict, self.param_groups)
+        super().load_state_dict(state_dict)
 
     def step(self, closure=None):
         loss = super().step(closure)
@@ -139,9 +152,9 @@ class Automagic_CameAMP(_CameAMPBase):  # noqa: N801 - the upstream name
     Config = config_for(NAME, TECHNIQUES, extra=(LR, VERBOSE), defaults=DEFAULTS)
 
 
-@register(summary=_SUMMARY + "; 8-bit state (<= 3 B/param)")
+@register(summary=_SUMMARY + "; 8-bit state (2.9 B/param on a LoRA)")
 class Automagic_CameAMP8bit(_CameAMPBase):  # noqa: N801
-    """Automagic_CameAMP with 8-bit state: momentum blockwise 8-bit, lr mask a uint8 lattice code, polarity bits."""
+    """Automagic_CameAMP with 8-bit state: momentum blockwise 8-bit, lr mask a lattice code, polarity bits."""
 
     NAME = "Automagic_CameAMP8bit"
     EIGHT_BIT = True

@@ -38,11 +38,14 @@ The automagic lr mask (:class:`LatticeLrMask`) and ALLoRA rows follow in the sca
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 
 from ..config import Field
+from ..engine.checkpoint import FRAGMENTS
 from ..engine.pack import join
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
@@ -63,6 +66,8 @@ USE_TAM = Field("use_tam", "bool", True, "Torque-Aware Momentum weighting of the
 WARMUP = Field("warmup_steps", "int", 500, "Phases: TAM, OrthoGrad and AdaDecay while t < W/2; the lr mask learns while t <= W.", low=0)
 #: weight of the Grams blend below which it is skipped (t > 27,600 steps with beta1_decay = 0.9995)
 GRAMS_FLOOR = 1e-6
+
+logger = logging.getLogger("sd_hina_plugin")
 
 
 def is_matrix(pack) -> bool:
@@ -330,6 +335,38 @@ class ElementAdaDecay(Technique):
             b.rows(ctx.u).addcmul_(rows, b.rows(theta), value=2.0 * wd)
 
 
+#: the widest code of the lr mask in 8-bit packs: a byte plus eight packed bit planes, every point of the int16
+#: lattice the fp32 names' count lives on
+MAX_CODE_BITS = 16
+#: the widest code whose arithmetic (offsets up to twice the window) stays within int16; wider ones use int32
+INT16_CODE_BITS = 14
+
+
+def plane_name(i: int) -> str:
+    """The slot holding bit ``8 + i`` of each element's mask code (one bit per element, packed eight to a byte)."""
+    return f"lr_mask.code.bit{8 + i}"
+
+
+def code_planes(storage) -> int:
+    """How many bit planes a pack's storage (or a tensor's state) holds beside ``lr_mask.code``."""
+    n = 0
+    while plane_name(n) in storage:
+        n += 1
+    return n
+
+
+def unpack_bits(packed: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Bits packed eight to a uint8 (element ``8 i + k`` in bit k of byte i) as a bool vector."""
+    if shifts is None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return packed.reshape(-1).unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1).bool()
+
+
+def unpack_bit_values(packed: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """As :func:`unpack_bits`, as uint8 0 / 1 (to add into integer counts without a bool pass)."""
+    return packed.reshape(-1).unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
+
+
 class LatticeLrMask(LrMask):
     """The automagic per-element lr multiplier of the CameAMP family (relative to the group's first lr ``lr0``),
     kept exactly as :class:`~sd_hina_plugin.techniques.adaptive.LrMask` keeps it: the integer number of bumps
@@ -337,10 +374,12 @@ class LatticeLrMask(LrMask):
     ``[min_lr, max_lr] / lr0``. While ``2 <= t <= W`` each element steps +1 where ``g > 0`` agrees with the
     previous step's polarity (the seed's rule), -1 where it flips; after W it is frozen.
 
-    Storage: int16 ``lr_mask.steps`` and an int8 polarity; in 8-bit packs a uint8 code ``j mod 256`` for a
-    256-point window ``[j_lo, j_lo + 255]`` of the lattice that contains the start (see :meth:`window`;
-    decoded as ``((code - j_lo) mod 256) + j_lo``, so a zero code is the start value) and packed polarity
-    bits: 1.125 B/param.
+    Storage: int16 ``lr_mask.steps`` and an int8 polarity; in 8-bit packs a code of 8 to 16 bits (the uint8
+    ``lr_mask.code`` and 0 to 8 packed bit planes, :func:`plane_name`) holding ``(j - j_s) mod 2^bits``, the
+    distance from the start value ``j_s`` (1, or the nearest bound when the bounds exclude it), so that the zero
+    the storage starts with is the start value. The width is chosen when the state is made
+    (:meth:`code_bits`): enough for every point the mask can reach, 10 bits with the default bounds and bump.
+    Polarity: packed bits. 1.125 B/param plus 0.125 per plane (1.375 with the defaults).
     """
 
     fields = (LR_BUMP, MIN_LR, MAX_LR, MASK_BUMP, MASK_BOUNDS, WARMUP)
@@ -351,7 +390,10 @@ class LatticeLrMask(LrMask):
 
     def slots_for(self, hp, pack):
         if pack.quantized:
-            return (Slot("lr_mask.code", dtype="uint8"), Slot("lr_mask.polarity", layout="bits"))
+            # the planes a pack was made with stay (a hyperparameter changed later cannot ask for storage it lacks)
+            planes = code_planes(pack.storage) if "lr_mask.code" in pack.storage else self.code_bits(hp, mask_unit(hp)) - 8
+            return (Slot("lr_mask.code", dtype="uint8"), *(Slot(plane_name(i), layout="bits") for i in range(planes)),
+                    Slot("lr_mask.polarity", layout="bits"))
         return (Slot("lr_mask.steps", dtype="int16"), Slot("lr_mask.polarity", dtype="int8"))
 
     @staticmethod
@@ -366,41 +408,95 @@ class LatticeLrMask(LrMask):
         state = opt.state[p]
         if "lr_mask.code" not in state:
             return super().mask_of(opt, group, p)
-        return self.multiplier(group, self.decode(state["lr_mask.code"], group).float())
+        return self.multiplier(group, self.decode(state, group).float())
 
     @classmethod
-    def window(cls, hp, lr0: float) -> tuple[int, int]:
-        """(j_lo, j_hi) of the 256 lattice points an 8-bit code can hold: all reachable points if they fit
-        (a mask moves at most W steps), else the window around the start (up to 128 below and 127 above,
-        more on one side when the other side has fewer)."""
+    def reach(cls, hp, lr0: float) -> tuple[int, int, int]:
+        """(j_s, lo, hi): the start value and the points within the bounds the mask can reach from it in W steps."""
         _, j_min, j_max = cls.lattice(hp, lr0)
-        w = hp["warmup_steps"]
-        lo, hi = max(j_min, -w), min(j_max, w)
-        hi = max(hi, lo)
-        if hi - lo > 255:
-            lo = max(lo, min(-128, hi - 255))
-            hi = lo + 255
-        return lo, hi
+        start = min(max(0, j_min), j_max)
+        w = int(hp["warmup_steps"])
+        return start, max(j_min, start - w), min(j_max, start + w)
 
     @classmethod
-    def decode(cls, code: torch.Tensor, hp, dtype: torch.dtype = torch.int16) -> torch.Tensor:
-        """The lattice index ``j`` (int16, or ``dtype``) of a uint8 code of an 8-bit pack."""
-        lo = cls.window(hp, mask_unit(hp))[0]
-        return torch.remainder(code.to(dtype).sub_(lo), 256).add_(lo)
+    def code_bits(cls, hp, lr0: float) -> int:
+        """Bits of an 8-bit pack's code that hold every reachable point (8 to :data:`MAX_CODE_BITS`): 9 for the
+        upstream's absolute bounds and bump (334 points), 10 for the default relative ones (591 with W = 500,
+        991 from W = 900 on), 12 for ``lr_mask_bump=0.001`` with W = 2000. The widest while the unit is unknown
+        (a group built with lr 0 and no scheduler's ``initial_lr``)."""
+        if lr0 <= 0:
+            return MAX_CODE_BITS
+        _, lo, hi = cls.reach(hp, lr0)
+        return min(max(8, (hi - lo).bit_length()), MAX_CODE_BITS)
+
+    @classmethod
+    def frame(cls, hp, lr0: float, bits: int) -> tuple[int, int, int]:
+        """(j_s, j_lo, j_hi): the start value and the window of ``2^bits`` lattice points a code is read in: all
+        reachable points where they fit (always, for the code :meth:`code_bits` chose), else those around the
+        start (half below it, more on one side when the other has fewer: only if the bounds, bump or W were
+        widened after the state was made)."""
+        if lr0 <= 0:  # no unit yet: the mask has not moved
+            return 0, 0, 0
+        start, lo, hi = cls.reach(hp, lr0)
+        codes = 1 << bits
+        if hi - lo >= codes:
+            lo = min(max(lo, start - codes // 2), hi - (codes - 1))
+            hi = lo + codes - 1
+        return start, lo, hi
+
+    @classmethod
+    def decode(cls, state, hp, dtype: torch.dtype = torch.int16) -> torch.Tensor:
+        """The lattice indices ``j`` (int16, or ``dtype``) of one tensor's mask in an 8-bit pack, from its state
+        (``optimizer.state[p]``: ``lr_mask.code`` and the bit planes), shaped as the tensor."""
+        code = state["lr_mask.code"]
+        n, planes = code.numel(), code_planes(state)
+        offset = code.reshape(-1).to(cls._work_dtype(8 + planes, dtype), copy=True)
+        for i in range(planes):
+            offset.add_(unpack_bits(state[plane_name(i)])[:n], alpha=256 << i)
+        return cls._from_offset(offset, hp, mask_unit(hp), 8 + planes).to(dtype).view(code.shape)
+
+    @staticmethod
+    def _work_dtype(bits: int, dtype: torch.dtype) -> torch.dtype:
+        return torch.int32 if bits > INT16_CODE_BITS else dtype
+
+    @classmethod
+    def _from_offset(cls, offset: torch.Tensor, hp, lr0: float, bits: int) -> torch.Tensor:
+        """``j`` from ``(j - j_s) mod 2^bits`` (in place): the one point of the window with that offset. (The
+        moduli are powers of two: a bitwise and, 20x faster than an integer remainder on CPU.)"""
+        start, lo, _ = cls.frame(hp, lr0, bits)
+        return offset.add_(start - lo).bitwise_and_((1 << bits) - 1).add_(lo)
 
     # -- storage of j in 8-bit packs ---------------------------------------------------------------------------
+    @staticmethod
+    def _planes(ctx) -> int:
+        return code_planes(ctx.pack.storage)
+
     def read_steps(self, ctx, lr0: float) -> torch.Tensor:
-        return self.decode(ctx.state("lr_mask.code"), ctx.hp, ctx.count_dtype) if ctx.pack.quantized else super().read_steps(ctx, lr0)
+        if not ctx.pack.quantized:
+            return super().read_steps(ctx, lr0)
+        planes = self._planes(ctx)
+        offset = ctx.state("lr_mask.code").to(self._work_dtype(8 + planes, ctx.count_dtype), copy=True)
+        for i in range(planes):
+            offset.add_(unpack_bit_values(ctx.state(plane_name(i)), self._shifts(ctx)), alpha=256 << i)
+        return self._from_offset(offset, ctx.hp, lr0, 8 + planes).to(ctx.count_dtype)
 
     def write_steps(self, ctx, steps: torch.Tensor, lr0: float) -> None:
         if ctx.pack.quantized:
-            ctx.state("lr_mask.code").copy_(torch.remainder(steps, 256))
+            planes = self._planes(ctx)
+            wide = steps.to(self._work_dtype(8 + planes, steps.dtype))  # (steps itself where int16 suffices)
+            # (j - j_s) mod 2^bits as a bitwise and: two's complement makes it the non-negative remainder
+            offset = torch.sub(wide, self.frame(ctx.hp, lr0, 8 + planes)[0]).bitwise_and_((256 << planes) - 1)
+            ctx.state("lr_mask.code").copy_(torch.bitwise_and(offset, 255))
+            if planes:
+                high = offset.bitwise_right_shift_(8).to(torch.uint8)
+                for i in range(planes):
+                    self._pack_bits(ctx, torch.bitwise_and(high, 1 << i).bitwise_right_shift_(i), ctx.state(plane_name(i)))
 
     def bounds(self, ctx, delta: float, lr0: float) -> tuple[int, int]:
         j_min, j_max = super().bounds(ctx, delta, lr0)
         if not ctx.pack.quantized:
             return j_min, j_max
-        lo, hi = self.window(ctx.hp, lr0)
+        _, lo, hi = self.frame(ctx.hp, lr0, 8 + self._planes(ctx))
         return max(j_min, lo), min(j_max, hi)
 
     # -- polarity (g > 0) ----------------------------------------------------------------------------------------
@@ -448,3 +544,86 @@ class LatticeLrMask(LrMask):
             agree = torch.eq(pos, previous, out=ctx.temp(1, torch.bool))
         self.record(ctx, pos)
         return agree
+
+
+# -- checkpoints saved with 8-bit codes (before the codes held the distance from the start) ----------------------
+#: the version of the 8-bit packs' mask codes, recorded in state_dict()["hina"] by the 8-bit names; state dicts
+#: without it hold the earlier codes (``j mod 256``)
+MASK_CODE_VERSION = 2
+
+
+def legacy_window_start(hp, lr0: float) -> int:
+    """The first point of the 256-point window in which the earlier codes ``j mod 256`` were read
+    (``j = ((code - lo) mod 256) + lo``), placed as if the mask started at 1 even where the bounds exclude 1."""
+    _, j_min, j_max = LatticeLrMask.lattice(hp, lr0)
+    w = int(hp["warmup_steps"])
+    lo, hi = max(j_min, -w), min(j_max, w)
+    hi = max(hi, lo)
+    if hi - lo > 255:
+        lo = max(lo, min(-128, hi - 255))
+    return lo
+
+
+def _pack_plane(bits: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """0/1 values packed eight to a uint8 (element ``8 i + k`` in bit k of byte i), zero-padded to ``nbytes``."""
+    flat = torch.zeros(nbytes * 8, dtype=torch.uint8, device=bits.device)
+    flat[:bits.numel()] = bits.reshape(-1).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return flat.view(-1, 8).bitwise_left_shift_(shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _upgrade_entry(entry: dict[str, Any], hp: dict[str, Any]) -> dict[str, Any]:
+    code = entry["lr_mask.code"]
+    lr0 = mask_unit(dict(hp))  # (a copy: mask_unit may record the unit in the dict it reads)
+    bits = LatticeLrMask.code_bits(hp, lr0)  # the planes the loading optimizer makes from the same hyperparameters
+    offset = torch.zeros(code.numel(), dtype=torch.int32, device=code.device)
+    if lr0 > 0 and LatticeLrMask.lattice(hp, lr0)[0] > 0:
+        old_lo = legacy_window_start(hp, lr0)
+        j = torch.remainder(code.reshape(-1).to(torch.int32) - old_lo, 256).add_(old_lo)
+        _, j_min, j_max = LatticeLrMask.lattice(hp, lr0)
+        start, lo, hi = LatticeLrMask.frame(hp, lr0, bits)
+        j.clamp_(max(j_min, lo), min(j_max, hi))  # the old window could hold values outside the bounds
+        offset = j.sub_(start).remainder_(1 << bits)
+    nbytes = entry["lr_mask.polarity"].numel()  # the planes are laid out as the polarity bits are
+    out = {**entry, "lr_mask.code": torch.bitwise_and(offset, 255).to(torch.uint8).view(code.shape)}
+    for i in range(bits - 8):
+        out[plane_name(i)] = _pack_plane(offset.bitwise_right_shift(8 + i).bitwise_and_(1), nbytes)
+    return out
+
+
+def upgrade_mask_codes(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """``state_dict`` of an 8-bit CameAMP name saved with the earlier codes (no ``mask_code`` version in its
+    ``"hina"`` entry: ``lr_mask.code`` held ``j mod 256``) converted to the current ones: each element keeps the
+    lattice point its code was read as, clamped to the bounds (the earlier window, placed as if the mask started
+    at 1, could read codes as points outside them). Other state dicts are returned as they are; the one passed in
+    is not modified. ``groups``: the loading optimizer's ``param_groups`` (for hyperparameters the saved groups
+    lack)."""
+    entries, saved_groups, meta = state_dict.get("state"), state_dict.get("param_groups"), state_dict.get("hina")
+    if not isinstance(entries, dict) or not isinstance(saved_groups, list) or not isinstance(meta, dict):
+        return state_dict
+    if meta.get("mask_code") is not None:
+        return state_dict
+
+    def old(entry: Any) -> bool:
+        return isinstance(entry, dict) and "lr_mask.code" in entry
+
+    def parts(entry: Any) -> list:
+        return list(entry[FRAGMENTS].values()) if isinstance(entry, dict) and FRAGMENTS in entry else [entry]
+
+    if not any(old(part) for entry in entries.values() for part in parts(entry)):
+        return state_dict
+    hp_of: dict[Any, dict[str, Any]] = {}
+    for saved, group in zip(saved_groups, groups):
+        hp = {**{k: v for k, v in group.items() if k != "params"}, **{k: v for k, v in saved.items() if k != "params"}}
+        hp_of.update((sid, hp) for sid in saved.get("params", ()))
+    converted: dict[Any, Any] = {}
+    for sid, entry in entries.items():
+        hp = hp_of.get(sid)
+        if hp is not None and isinstance(entry, dict) and FRAGMENTS in entry:
+            entry = {**entry, FRAGMENTS: {k: _upgrade_entry(e, hp) if old(e) else e for k, e in entry[FRAGMENTS].items()}}
+        elif hp is not None and old(entry):
+            entry = _upgrade_entry(entry, hp)
+        converted[sid] = entry
+    logger.info("lr mask: read the 8-bit packs' mask codes of a checkpoint saved by an earlier version "
+                "(each element keeps its value, within the bounds)")
+    return {**state_dict, "state": converted, "hina": {**meta, "mask_code": MASK_CODE_VERSION}}

@@ -202,8 +202,7 @@ def test_lattice_mask_is_exact_and_relative_to_the_scheduler(quantized):
         previous = signs[t] > 0
     b = 1e-3
     expected = 1.0 + b * count.clamp(math.ceil((1e-2 - 1) / b - 1e-9), math.floor((2.0 - 1) / b + 1e-9))
-    mask = opt.state[p]["lr_mask.code" if quantized else "lr_mask.steps"]
-    j = LatticeLrMask.decode(mask, opt.param_groups[0]) if quantized else mask.float()
+    j = LatticeLrMask.decode(opt.state[p], opt.param_groups[0]) if quantized else opt.state[p]["lr_mask.steps"].float()
     torch.testing.assert_close(1.0 + b * j.float(), expected, rtol=0, atol=1e-6)
     assert (expected[:8] == 1.0 + 19 * b).all()
     # relative: a twin optimizer with the same history, at half the scheduler's lr, moves the weight half as far
@@ -220,13 +219,32 @@ def test_lattice_mask_is_exact_and_relative_to_the_scheduler(quantized):
     assert (moves[1] / moves[0]).item() == pytest.approx(0.5, rel=1e-5)
 
 
-def test_lattice_window_holds_the_reachable_range():
+def test_lattice_code_holds_the_reachable_range():
+    """The 8-bit packs' code is as wide as the points the mask can reach from its start within the bounds in W
+    steps (the start included when the bounds exclude 1), and is read in a window holding all of them."""
     hp = OptimizerConfig(lr_bump=3e-6, min_lr=1e-7, max_lr=1e-3, warmup_steps=500).as_dict()
     _, j_min, j_max = LatticeLrMask.lattice(hp, 1e-4)
-    lo, hi = LatticeLrMask.window(hp, 1e-4)
-    assert (j_min, j_max) == (-33, 300) and (lo, hi) == (-33, 222) and lo <= 0 <= hi
-    hp["warmup_steps"] = 100  # the mask moves at most W steps: then everything reachable fits
-    assert LatticeLrMask.window(hp, 1e-4) == (-33, 100)
+    assert (j_min, j_max) == (-33, 300) and LatticeLrMask.reach(hp, 1e-4) == (0, -33, 300)
+    assert LatticeLrMask.code_bits(hp, 1e-4) == 9 and LatticeLrMask.frame(hp, 1e-4, 9) == (0, -33, 300)
+    hp["warmup_steps"] = 100  # the mask moves at most W steps
+    assert LatticeLrMask.reach(hp, 1e-4) == (0, -33, 100) and LatticeLrMask.code_bits(hp, 1e-4) == 8
+    # at lr 3e-3 the bounds exclude 1: the mask starts at max_lr / lr (j = -667) and can only go down
+    hp["warmup_steps"] = 500
+    assert LatticeLrMask.lattice(hp, 3e-3)[1:] == (-999, -667) and LatticeLrMask.reach(hp, 3e-3) == (-667, -999, -667)
+    # the default relative bounds: 0.1x to 6x with W = 500, all 991 points from 0.1x to 10x from W = 900 on
+    default = OptimizerConfig().as_dict()
+    assert LatticeLrMask.reach(default, 1e-4) == (0, -90, 500) and LatticeLrMask.code_bits(default, 1e-4) == 10
+    default["warmup_steps"] = 5000
+    assert LatticeLrMask.reach(default, 1e-4) == (0, -90, 900) and LatticeLrMask.code_bits(default, 1e-4) == 10
+    # a finer bump: wider codes, up to 16 bits (the whole int16 lattice of the fp32 names)
+    fine = OptimizerConfig(lr_mask_bump=0.001, warmup_steps=2000).as_dict()
+    assert LatticeLrMask.code_bits(fine, 1e-4) == 12 and LatticeLrMask.frame(fine, 1e-4, 12) == (0, -900, 2000)
+    finer = OptimizerConfig(lr_mask_bump=1e-4, warmup_steps=20000).as_dict()
+    assert LatticeLrMask.code_bits(finer, 1e-4) == 15 and LatticeLrMask.frame(finer, 1e-4, 15) == (0, -9000, 20000)
+    finest = OptimizerConfig(lr_mask_bump=1e-5, warmup_steps=40000).as_dict()
+    assert LatticeLrMask.code_bits(finest, 1e-4) == 16 and LatticeLrMask.frame(finest, 1e-4, 16) == (0, -32767, 32767)
+    # a code narrower than the reach (bounds or W widened after the state was made): the points around the start
+    assert LatticeLrMask.frame(finer, 1e-4, 10) == (0, -512, 511)
 
 
 def test_tam_hands_over_without_a_jump_in_update_scale():
@@ -259,6 +277,9 @@ def test_state_bytes_per_parameter_on_the_lora_set():
         if "8bit" in cls.NAME:
             kinds = {k: v.dtype for k, v in opt.state[params[0]].items()}
             assert kinds["exp_avg.q"] == torch.uint8 and kinds["lr_mask.code"] == torch.uint8
+            assert "lr_mask.code.bit10" not in kinds  # 10 bits with the default bounds and W
+            for plane in ("lr_mask.code.bit8", "lr_mask.code.bit9"):  # the code's bits 8 and 9, packed
+                assert kinds[plane] == torch.uint8 and opt.state[params[0]][plane].numel() * 8 == params[0].numel()
             assert kinds["lr_mask.polarity"] == torch.uint8 and opt.state[params[0]]["lr_mask.polarity"].numel() * 8 == params[0].numel()
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import roundtrip
 
+import sd_hina_plugin
 from sd_hina_plugin import AdamW_HinaAdaptive, Automagic_CameAMP, Automagic_Sinkgd
+from sd_hina_plugin.techniques.came import LatticeLrMask
 
 MASKED = [(Automagic_CameAMP, {}), (Automagic_Sinkgd, {}), (AdamW_HinaAdaptive, {"optim_bits": 32}),
           (AdamW_HinaAdaptive, {"optim_bits": 32, "use_adopt_stability": False})]
@@ -190,8 +193,6 @@ def test_avg_lr_is_reported_from_the_first_step(name, kwargs):
     mask runs) and equals the group's lr times the mask's mean, which starts at 1 or at the nearest bound."""
     import sd_hina_plugin
 
-    if "8bit" in name and "max_lr" in kwargs:
-        pytest.skip("the 8-bit mask window with absolute bounds is tracked separately (issue 30)")
     if "8bit" in name:
         kwargs = {**kwargs, "min_8bit_size": 0}  # the 8-bit packs' mask (uint8 codes)
     torch.manual_seed(0)
@@ -206,3 +207,158 @@ def test_avg_lr_is_reported_from_the_first_step(name, kwargs):
         assert stats["hina/avg_lr/group0"] == pytest.approx(expected, rel=1e-5), step
         if step == 1:
             assert expected == pytest.approx(5e-4 if "max_lr" in kwargs else 1e-3)
+
+
+# -- the 8-bit CameAMP names' mask against the fp32 names' ------------------------------------------------------
+# On tensors with 8-bit state the mask is a 10-bit code; it must hold what the fp32 names' int16 count holds:
+# the start at the nearest bound when absolute bounds exclude the lr, and the whole of the default 0.1x-10x.
+
+TWINS = [("Automagic_CameAMP", "Automagic_CameAMP8bit"), ("Automagic_CameAMP_COptim", "Automagic_CameAMP_COptim8bit")]
+TWIN_IDS = ["CameAMP", "COptim"]
+#: (lr, arguments, the mask at step 1, steps run): absolute bounds that exclude the built-with lr
+EXCLUDING = {
+    "above-the-lr": (1e-3, dict(min_lr=2e-3, max_lr=5e-3, lr_bump=1e-4, warmup_steps=20), 2.0, 22),
+    "below-the-lr": (1e-3, dict(min_lr=1e-5, max_lr=5e-4, lr_bump=1e-4, warmup_steps=4), 0.5, 6),
+    "upstream-W8": (3e-3, dict(min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6, warmup_steps=8), 0.333, 10),
+    "upstream-W500": (3e-3, dict(min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6), 0.333, 12),  # (not to the end of warm-up)
+}
+
+
+def _mask_history(name, lr, steps, rows=0, planes=None, **kwargs):
+    """The mask of a 64x64 tensor (8-bit state in the 8-bit names: 4096 elements reach min_8bit_size) after each
+    step, under random gradients; with ``rows``, the first ``rows`` rows never change sign (the mask rises every
+    step) and the next ``rows`` change sign every step (it falls). ``planes``: the bit planes the 8-bit code has."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    opt = sd_hina_plugin.create_optimizer(name, [w], lr=lr, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    masks = []
+    for t in range(steps):
+        g = torch.randn(64, 64, generator=gen)
+        g[:rows] = g[:rows].abs()
+        g[rows:2 * rows] = g[rows:2 * rows].abs() * (-1) ** t
+        w.grad = g
+        opt.step()
+        masks.append(opt.lr_mask(w).clone())
+    assert ("lr_mask.code" in opt.state[w]) == ("8bit" in name)  # the 8-bit names' packed code is what is tested
+    if planes is not None and "8bit" in name:
+        assert f"lr_mask.code.bit{7 + planes}" in opt.state[w] and f"lr_mask.code.bit{8 + planes}" not in opt.state[w]
+    return masks
+
+
+@pytest.mark.parametrize("twins", TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("config", list(EXCLUDING), ids=list(EXCLUDING))
+def test_eight_bit_mask_starts_at_the_nearest_bound_as_fp32(twins, config):
+    """Absolute bounds that exclude the built-with lr: the 8-bit names' mask starts at the nearest bound and
+    then equals the fp32 name's element for element, to the end of warm-up and after it (their window was
+    once placed as if the mask started at 1: 3.0, 26.1, 1.10 and 0.589 at step 1 instead of 2.0, 0.5, 0.333)."""
+    lr, kwargs, start, steps = EXCLUDING[config]
+    fp32, eight = (_mask_history(name, lr, steps, **kwargs) for name in twins)
+    torch.testing.assert_close(fp32[0], torch.full((64, 64), start), rtol=0, atol=1e-3)
+    for t, (a, b) in enumerate(zip(fp32, eight), start=1):
+        assert torch.equal(a, b), (t, a.mean().item(), b.mean().item())
+    assert not torch.equal(fp32[0], fp32[-1])  # the mask moved (down from max_lr, or up from min_lr)
+
+
+@pytest.mark.parametrize("twins", TWINS, ids=TWIN_IDS)
+def test_eight_bit_mask_reaches_the_default_upper_bound_as_fp32(twins):
+    """The default relative bounds (0.1x-10x in bumps of 0.01): elements whose gradient never changes sign rise
+    to 10x by the end of a 1000-step warm-up in both storages (the 8-bit code once stopped at 2.65x), those
+    whose gradient changes sign every step fall to 0.1x."""
+    fp32, eight = (_mask_history(name, 1e-3, 1002, rows=16, planes=2, warmup_steps=1000) for name in twins)
+    for t in (1, 100, 300, 1001, 1002):
+        assert torch.equal(fp32[t - 1], eight[t - 1]), t
+    torch.testing.assert_close(eight[-1][:16], torch.full((16, 64), 10.0))
+    torch.testing.assert_close(eight[-1][16:32], torch.full((16, 64), 0.1))
+    assert 0.1 < eight[-1][32:].mean().item() < 10.0  # the others walk
+
+
+def test_eight_bit_code_widens_for_a_finer_bump():
+    """lr_mask_bump=0.001 with W = 600: 1201 reachable points need an 11-bit code; the mask rises to 1.599 and
+    falls to 0.401 as the fp32 one does (a 10-bit window around the start would stop at 1.511 and 0.488)."""
+    fp32, eight = (_mask_history(name, 1e-3, 602, rows=16, planes=3, lr_mask_bump=0.001, warmup_steps=600)
+                   for name in ("Automagic_CameAMP", "Automagic_CameAMP8bit"))
+    assert torch.equal(fp32[-1], eight[-1])
+    torch.testing.assert_close(eight[-1][:16], torch.full((16, 64), 1.599))
+    torch.testing.assert_close(eight[-1][16:32], torch.full((16, 64), 0.401))
+    # codes over 14 bits are read in int32: a bump of 1e-4 between 0.1x and 3x with W = 40000 takes 15 bits
+    kwargs = dict(min_lr=1e-4, max_lr=3e-3, lr_bump=1e-7, warmup_steps=40000)
+    fp32, eight = (_mask_history(name, 1e-3, 6, rows=16, planes=7, **kwargs)
+                   for name in ("Automagic_CameAMP", "Automagic_CameAMP8bit"))
+    assert all(torch.equal(a, b) for a, b in zip(fp32, eight))
+    torch.testing.assert_close(eight[-1][:32], torch.cat([torch.full((16, 64), 1.0005), torch.full((16, 64), 0.9995)]))
+
+
+@pytest.mark.parametrize("name", ["Automagic_CameAMP8bit", "Automagic_CameAMP_COptim8bit"])
+def test_eight_bit_mask_resumes_exactly_with_bounds_excluding_the_lr(name):
+    def build(w):
+        return sd_hina_plugin.create_optimizer(name, [w], lr=1e-3, min_lr=2e-3, max_lr=5e-3, lr_bump=1e-4, warmup_steps=20)
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    grads = [torch.randn(64, 64) for _ in range(26)]
+    opt = build(w)
+    for g in grads[:9]:  # saved while the mask learns
+        w.grad = g
+        opt.step()
+    saved_w, saved = w.detach().clone(), roundtrip(opt.state_dict())
+    w2 = torch.nn.Parameter(saved_w.clone())
+    opt2 = build(w2)
+    opt2.load_state_dict(saved)
+    for g in grads[9:]:
+        for p, o in ((w, opt), (w2, opt2)):
+            p.grad = g.clone()
+            o.step()
+    assert torch.equal(opt.lr_mask(w), opt2.lr_mask(w2)) and torch.equal(w, w2)
+
+
+def _as_saved_with_8bit_codes(sd, codes):
+    """``sd`` as sd_hina_plugin saved 8-bit masks before the 10-bit codes: ``lr_mask.code`` holding ``j mod 256``
+    (``codes``: the lattice indices j, or the stored uint8 codes), no bit planes."""
+    entry = dict(sd["state"][0])
+    entry["lr_mask.code"] = torch.remainder(codes.to(torch.int32), 256).to(torch.uint8)
+    for key in [k for k in entry if k.startswith("lr_mask.code.bit")]:
+        del entry[key]
+    hina = {k: v for k, v in sd["hina"].items() if k != "mask_code"}  # (the version of the codes came with them)
+    return {**sd, "state": {0: entry}, "hina": hina}
+
+
+@pytest.mark.parametrize("name", ["Automagic_CameAMP8bit", "Automagic_CameAMP_COptim8bit"])
+def test_checkpoints_with_8bit_mask_codes_load(name):
+    """State dicts saved with the earlier 8-bit codes load: each element keeps its lattice point and training
+    continues as if uninterrupted where that point lies within the bounds; a point the old window decoded to
+    outside them (26.1 for max_lr=5e-4 at lr 1e-3, code 251) is put back within them."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    grads = [torch.randn(64, 64) for _ in range(30)]
+    opt = sd_hina_plugin.create_optimizer(name, [w], lr=1e-3)  # default relative bounds, W = 500
+    for g in grads[:20]:
+        w.grad = g
+        opt.step()
+    sd = roundtrip(opt.state_dict())
+    j = LatticeLrMask.decode(opt.state[w], opt.param_groups[0])
+    assert j.min().item() < 0 < j.max().item()  # codes of negative and positive points
+    old = _as_saved_with_8bit_codes(sd, j)
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = sd_hina_plugin.create_optimizer(name, [w2], lr=1e-3)
+    opt2.load_state_dict(old)
+    assert torch.equal(opt2.lr_mask(w2), opt.lr_mask(w))
+    for g in grads[20:]:
+        for p, o in ((w, opt), (w2, opt2)):
+            p.grad = g.clone()
+            o.step()
+    assert torch.equal(opt.lr_mask(w), opt2.lr_mask(w2)) and torch.equal(w, w2)
+
+    # a run of the earlier version with max_lr=5e-4 at lr 1e-3 stored code 251 (decoded as 26.1) everywhere
+    kwargs = dict(min_lr=1e-5, max_lr=5e-4, lr_bump=1e-4, warmup_steps=4)
+    w3 = torch.nn.Parameter(torch.randn(64, 64) * 0.1)
+    opt3 = sd_hina_plugin.create_optimizer(name, [w3], lr=1e-3, **kwargs)
+    for g in grads[:3]:
+        w3.grad = g
+        opt3.step()
+    old = _as_saved_with_8bit_codes(roundtrip(opt3.state_dict()), torch.full((64, 64), 251))
+    w4 = torch.nn.Parameter(w3.detach().clone())
+    opt4 = sd_hina_plugin.create_optimizer(name, [w4], lr=1e-3, **kwargs)
+    opt4.load_state_dict(old)
+    torch.testing.assert_close(opt4.lr_mask(w4), torch.full((64, 64), 0.5))
+    assert opt4.state[w4]["lr_mask"].max().item() <= 5e-4 * (1 + 1e-6)
