@@ -177,7 +177,7 @@ def _attach_to_accelerator(optimizer: Any, local: dict[str, Any]) -> bool:
                 label = blocks[i] if isinstance(blocks, (list, tuple)) and len(blocks) >= len(live) else f"block{i:02d}"
                 if isinstance(label, (tuple, list)):  # flux_train.py's keys: ("double", 0) -> double_0
                     label = "_".join(str(part) for part in label)
-                opt.param_groups[0]["hina_desc"] = str(label).replace(" ", "_")
+                opt.param_groups[0].setdefault("hina_desc", str(label).replace(" ", "_"))  # (a name set by hand stays)
     if len(live) == 1:
         logger.info("%s: attached to kohya's step logs (hina/* scalars)", type(optimizer).__name__)
     return True
