@@ -175,7 +175,7 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
-        self._binding.record(group)
+        self._binding.home(group)  # its tensors now: what an engine's later forms of them stand for
         overrides = {k: group[k] for k in self.Config.FIELDS if k in group}
         validated = self.Config.from_kwargs(overrides)
         group.update(validated.as_dict())
@@ -374,9 +374,10 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
                     mine = dict.get(self.state[p], key)
                     if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and mine.shape == value.shape:
                         mine.copy_(value)
-        if self._binding.describe() and self._binding.describe() not in self._adamw_notes:
-            self._note_once(self._binding.describe())
-            logger.info("%s: %s", self.NAME, self._binding.describe())
+        line = self._binding.describe()
+        if line and line not in self._adamw_notes:
+            self._note_once(line)
+            logger.info("%s: %s", self.NAME, line)
         return packs
 
     def _plan_members(self, gi: int, group: dict[str, Any], members: list[torch.Tensor]) -> list[Pack]:

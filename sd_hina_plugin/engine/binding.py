@@ -68,10 +68,6 @@ class Binding:
             self._origins[index] = [weakref.ref(p) for p in group["params"]]
         return index
 
-    def record(self, group: dict[str, Any]) -> int:
-        """A group added through ``add_param_group``: its tensors are what later engine forms stand for."""
-        return self.home(group)
-
     @staticmethod
     def signature(group: dict[str, Any]) -> tuple:
         return tuple((id(p), tuple(p.shape), p.dtype, p.requires_grad) for p in group["params"])

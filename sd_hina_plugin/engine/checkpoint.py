@@ -57,7 +57,7 @@ class Checkpointing:
                 if id(p) in index:  # (state of a tensor no group holds any more stays out, where torch would fail)
                     state[index[id(p)]] = real
             elif id(fragment.owner) in index:
-                state.setdefault(index[id(fragment.owner)], {}).setdefault(FRAGMENTS, {})[fragment.key] = real
+                state.setdefault(index[id(fragment.owner)], {}).setdefault(FRAGMENTS, {})[fragment.index] = real
         sd: dict[str, Any] = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
@@ -104,7 +104,7 @@ class Checkpointing:
                 raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
             p, group = id_map[sid]
             if FRAGMENTS in saved_state:
-                members = {f.key: m for m in self._binding.members(group)
+                members = {f.index: m for m in self._binding.members(group)
                            if (f := self._binding.fragment(m)) is not None and f.owner is p}
                 for key, entry in saved_state[FRAGMENTS].items():
                     if key not in members:

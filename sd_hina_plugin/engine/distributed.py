@@ -50,11 +50,6 @@ class Fragment:
     value: torch.Tensor | None = None
     grad_value: torch.Tensor | None = None
 
-    @property
-    def key(self) -> int:
-        """The fragment's key in checkpoints: its parameter's place in the group."""
-        return self.index
-
     def member(self) -> torch.Tensor:
         if self.kind == "replica":
             return self.value
