@@ -181,3 +181,21 @@ class LossObservingAdamW(sd_hina_plugin.HinaAdamWCore):
 
     def observe_loss(self, loss):
         self.observed = getattr(self, "observed", []) + [float(loss)]
+
+
+class _Scratch:
+    """What a step context asks of its optimizer: work buffers."""
+
+    @staticmethod
+    def _scratch(name, pack, dtype=torch.float32):
+        return torch.empty(pack.total, dtype=dtype)
+
+
+def step_context(tensors: list[torch.Tensor]):
+    """A step context over one pack of ``tensors`` (planned as the engine plans them), for calling the engine's
+    reduction primitives and techniques' kernels directly."""
+    from sd_hina_plugin.engine.context import StepContext
+    from sd_hina_plugin.engine.pack import plan_packs
+
+    (pack,) = plan_packs(0, tensors, lambda numel: False)
+    return StepContext(_Scratch(), pack, {"lr": 0.0, "step": 2}, torch.zeros(pack.total), {})

@@ -34,7 +34,7 @@ from ..kohya.hook import attach as attach_to_kohya
 from ..lora import discovery
 from ..numerics import quant8
 from ..numerics.rounding import stochastic_round_
-from . import distributed
+from . import sharding
 from .binding import Binding
 from .checkpoint import FORMAT_VERSION, Checkpointing
 from .naming import NameMemo, Naming
@@ -94,7 +94,7 @@ def _describe_arguments(cls: type) -> None:
     cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"
 
 
-class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
+class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torch.optim.Optimizer):
     NAME: ClassVar[str] = ""
     TECHNIQUES: ClassVar[tuple[Technique, ...]] = ()
     Config: ClassVar[type[ConfigBase]]
@@ -184,7 +184,8 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
         # starts after construction, never moves it; torch's schedulers record the same value as initial_lr)
         group.setdefault("hina_lr0", float(group["lr"]))
         for j, p in enumerate(group["params"]):
-            distributed.refuse_unsupported(p, f"{self.NAME}: parameter {j} of group {index}")
+            if sharding.is_dtensor(p):
+                sharding.shard_of(p, f"{self.NAME}: parameter {j} of group {index}")  # a layout we can follow
             if p.is_complex():
                 raise TypeError(f"{self.NAME}: parameter {j} of group {index} is complex ({p.dtype}); complex parameters are not supported")
             if not p.is_floating_point():
@@ -242,10 +243,11 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
     def _wants_8bit(group: dict[str, Any]) -> bool:
         return group.get("optim_bits", 32) == 8
 
-    def _quantize_param(self, group: dict[str, Any]) -> Callable[[torch.Tensor], bool]:
+    def _quantize_param(self, group: dict[str, Any]) -> Callable[[int], bool]:
+        """Whether a tensor of ``numel`` elements (the whole tensor's, for a shard) keeps 8-bit state."""
         wants = self._wants_8bit(group)
         threshold = group.get("min_8bit_size", 4096)
-        return lambda p: wants and p.numel() >= threshold
+        return lambda numel: wants and numel >= threshold
 
     def techniques(self, group: dict[str, Any]) -> list[Technique]:
         return [t for t in self.TECHNIQUES if t.enabled(group)]
@@ -381,7 +383,7 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, torch.optim.Optimizer):
         return packs
 
     def _plan_members(self, gi: int, group: dict[str, Any], members: list[torch.Tensor]) -> list[Pack]:
-        packs = plan_packs(gi, members, self._quantize_param(group), self._pack_tag(group))
+        packs = plan_packs(gi, members, self._quantize_param(group), self._pack_tag(group), self._binding.shard)
         for pack in packs:
             self._allocate(pack, group)
         return packs

@@ -11,9 +11,11 @@ position:
   holds now (its *signature*). A group whose signature changed is planned again; state of the tensors it still
   holds is carried over, and state of tensors it dropped stays in ``optimizer.state`` (as in torch.optim), so that
   it continues if they come back.
-* a group's tensors become **members**, the tensors packs are planned over: the parameter itself, or, for a flat
+* a group's tensors become **members**, the tensors packs are planned over: the parameter itself; for a flat
   partition made by an engine (see ``engine/distributed.py``), views of its fragments with the shapes of the model
-  parameters they stand for. ``grad(member)`` reads the gradient through the same map.
+  parameters they stand for; for a sharded DTensor (FSDP2, see ``engine/sharding.py``), its local shard (one
+  tensor object per parameter for as long as it lives, re-pointed if the engine moves the shard's storage).
+  ``grad(member)`` reads the gradient through the same map, ``shard(member)`` says where its rows lie.
 
 Techniques see members only: what a member is a view of is this module's business.
 """
@@ -26,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed
+from . import distributed, sharding
 from .pack import Pack
 
 
@@ -55,6 +57,10 @@ class Binding:
         self._exchanges: dict[int, list[distributed.Exchange]] = {}
         #: id(member) -> (member, home index) of every planned member
         self._home_of: dict[int, tuple[torch.Tensor, int]] = {}
+        #: a member that is the local shard of a DTensor: id(member) -> its shard
+        self._shards: dict[int, sharding.Shard] = {}
+        #: id(DTensor parameter) -> (weak reference to it, the member standing for its local shard)
+        self._aliases: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         #: the adapter module of a parameter (set by the optimizer from the names it learnt)
         self.module_of: Callable[[torch.Tensor], str | None] = lambda p: None
 
@@ -82,16 +88,23 @@ class Binding:
             return cached[1]
         for old in cached[1] if cached is not None else ():
             self._fragments.pop(id(old), None)
+            self._shards.pop(id(old), None)
         out: list[torch.Tensor] = []
         exchanges: list[distributed.Exchange] = []
         origins = [p for p in (ref() for ref in self._origins[index]) if p is not None]
         known = {id(p) for p in origins}
-        for p in group["params"]:
+        for j, p in enumerate(group["params"]):
+            if sharding.is_dtensor(p):  # FSDP2: built on sharded parameters, or given them afterwards (accelerate)
+                shard = sharding.shard_of(p, f"parameter {j} of param group {index}")
+                if p.requires_grad and shard.numel:  # (kept with an empty shard here: packs line up across ranks)
+                    member = self._alias(p)
+                    self._shards[id(member)] = shard
+                    out.append(member)
+                continue
             if id(p) in known:
                 if p.requires_grad and p.numel():
                     out.append(p)
                 continue
-            distributed.refuse_unsupported(p, f"a parameter put into param group {index} after construction")
             found = distributed.partition(p, origins, index, self.module_of)
             if found is None:  # a tensor put in after construction, of no engine we know: itself
                 if p.requires_grad and p.numel():
@@ -110,9 +123,32 @@ class Binding:
         self._exchanges[index] = exchanges
         return out
 
+    def _alias(self, p: torch.Tensor) -> torch.Tensor:
+        """The member standing for DTensor ``p``'s local shard: the same tensor object for as long as ``p`` lives
+        (state is keyed by it), sharing the shard's storage."""
+        local = sharding.local_tensor(p)
+        entry = self._aliases.get(id(p))
+        if entry is not None and entry[0]() is p:
+            member = entry[1]
+            if member.data_ptr() != local.data_ptr() and local.numel():
+                member.set_(local)  # FSDP2 re-pads a shard at its lazy initialisation: same values, new storage
+            return member
+        member = torch.empty(0, dtype=local.dtype, device=local.device).set_(local)
+        self._aliases[id(p)] = (weakref.ref(p), member)
+        return member
+
+    def member_for(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The member standing for sharded parameter ``p`` (None if ``p`` is not one)."""
+        entry = self._aliases.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else None
+
     def gather(self, group: dict[str, Any]) -> None:
         """Before ``group`` steps: the whole values and gradients of its replicas (a collective: every rank steps
-        the same groups in the same order under the engines that make replicas)."""
+        the same groups in the same order under the engines that make replicas); sharded members re-pointed if
+        their engine moved their storage."""
+        for p in group["params"]:
+            if id(p) in self._aliases:
+                self._alias(p)
         for exchange in self._exchanges.get(self.home(group), ()):
             exchange.gather()
 
@@ -131,7 +167,18 @@ class Binding:
     def fragment(self, member: torch.Tensor) -> distributed.Fragment | None:
         return self._fragments.get(id(member))
 
+    def shard(self, member: torch.Tensor) -> sharding.Shard | None:
+        return self._shards.get(id(member))
+
+    def source(self, member: torch.Tensor) -> torch.Tensor:
+        """The model parameter ``member`` stands for (itself, unless an engine partitioned or sharded it)."""
+        fragment, shard = self._fragments.get(id(member)), self._shards.get(id(member))
+        return fragment.source if fragment is not None else shard.param if shard is not None else member
+
     def grad(self, member: torch.Tensor) -> torch.Tensor | None:
+        shard = self._shards.get(id(member))
+        if shard is not None:
+            return sharding.local_grad(shard)
         fragment = self._fragments.get(id(member))
         return member.grad if fragment is None else fragment.grad()
 

@@ -6,6 +6,12 @@ The format is torch.optim's (``{"state": {index: {key: tensor}}, "param_groups":
 ``engine/distributed.py``), the partition's entry holds ``{"hina.fragments": {i: {key: tensor}}}``: the state of
 each tensor this rank trains from it, by the place ``i`` of its parameter in the group, so that the same number of
 ranks loads it back exactly.
+
+For parameters sharded between ranks (FSDP2, ``engine/sharding.py``), a tensor's state is keyed by the parameter's
+index as usual, its values DTensors laid out as ``engine/sharding.wrap_state`` says, so that
+``torch.distributed.checkpoint`` saves and loads them sharded (and reshards per-element, per-row, per-column and
+per-tensor state onto another number of ranks). ``torch.distributed.checkpoint.state_dict`` keeps only ``"state"``
+and ``"param_groups"``: the ``"hina"`` entry is therefore repeated in the first param group, where it reads it back.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from typing import Any
 
 import torch
 
+from . import sharding
+
 FORMAT_VERSION = 1
 #: the state entry of a flat partition: its fragments' states by offset
 FRAGMENTS = "hina.fragments"
+#: what identifies the optimizer and format, and holds its random generators' states
+HINA = "hina"
 
 
 class Checkpointing:
@@ -46,14 +56,24 @@ class Checkpointing:
         for group in self.param_groups:
             for p in group["params"]:
                 index.setdefault(id(p), len(index))
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [index[id(p)] for p in group["params"]]})
+            groups.append({**{k: v for k, v in group.items() if k not in ("params", HINA)},
+                           "params": [index[id(p)] for p in group["params"]]})
         state: dict[int, dict[str, Any]] = {}
+        kinds = {id(m): pack.kinds for pack in self._all_planned() for m in pack.params}
+        mesh_param = None
         for p, entry in self.state.items():
             real = dict(entry)  # a plain dict: no derived keys, no back-reference
-            fragment = self._binding.fragment(p)
+            fragment, shard = self._binding.fragment(p), self._binding.shard(p)
             if not real:
                 continue
-            if fragment is None:
+            if shard is not None:  # a local shard: its parameter's state, as DTensors
+                if id(shard.param) in index:
+                    known = kinds.get(id(p), {})
+                    state[index[id(shard.param)]] = {
+                        k: sharding.wrap_state(shard, v, known.get(k, "elem")) if isinstance(v, torch.Tensor) else v
+                        for k, v in real.items()}
+                    mesh_param = mesh_param or (shard if shard.mesh is not None else None)
+            elif fragment is None:
                 if id(p) in index:  # (state of a tensor no group holds any more stays out, where torch would fail)
                     state[index[id(p)]] = real
             elif id(fragment.owner) in index:
@@ -63,12 +83,18 @@ class Checkpointing:
             result = hook(self, sd)
             if result is not None:
                 sd = result
-        sd["hina"] = {
-            "format": FORMAT_VERSION,
-            "optimizer": self.NAME,
-            "rng": {dev: gen.get_state() for dev, gen in self._generators.items()},
-        }
+        rng = {dev: gen.get_state() for dev, gen in self._generators.items()}
+        if mesh_param is not None:  # each rank's random stream (stochastic rounding of its shards)
+            rng = {dev: sharding.per_rank(mesh_param, value) for dev, value in rng.items()}
+        sd[HINA] = {"format": FORMAT_VERSION, "optimizer": self.NAME, "rng": rng}
         sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
+        return self._repeat_meta(sd)
+
+    def _repeat_meta(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """The ``"hina"`` entry repeated in the first param group (see the module docstring): the same dict, so that
+        what a subclass adds to it after this (C-Optim's context) is there too."""
+        if sd["param_groups"]:
+            sd["param_groups"][0][HINA] = sd[HINA]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -76,7 +102,10 @@ class Checkpointing:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        meta = state_dict.get("hina") if isinstance(state_dict, dict) else None
+        meta = state_dict.get(HINA) if isinstance(state_dict, dict) else None
+        if meta is None and isinstance(state_dict, dict) and state_dict.get("param_groups"):
+            meta = state_dict["param_groups"][0].get(HINA)  # through torch.distributed.checkpoint's state_dict helpers
+            state_dict = {**state_dict, HINA: meta}
         if not isinstance(meta, dict) or meta.get("optimizer") != self.NAME:
             found = meta.get("optimizer") if isinstance(meta, dict) else "an optimizer outside sd_hina_plugin"
             raise ValueError(f"{self.NAME}.load_state_dict: this state dict was saved by {found}, not by {self.NAME}")
@@ -96,14 +125,21 @@ class Checkpointing:
             id_map.update((sid, (p, group)) for sid, p in zip(saved["params"], group["params"]))
         for saved, group in zip(saved_groups, self.param_groups):
             for key, value in saved.items():
-                if key not in ("params", "param_names"):
+                if key not in ("params", "param_names", HINA):
                     group[key] = value
         self._init_state()
         for sid, saved_state in state_dict["state"].items():
             if sid not in id_map:
                 raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
             p, group = id_map[sid]
-            if FRAGMENTS in saved_state:
+            member = self._binding.member_for(p)
+            if member is not None:  # a sharded parameter: its local shard's state, from DTensors
+                kinds = next((pack.kinds for pack in self._binding.planned(group) or () if any(m is member for m in pack.params)), {})
+                ours = self.state[member]
+                local = {k: sharding.unwrap_state(v, ours[k], kinds.get(k, "elem"), f"{self.NAME}.load_state_dict: {k} of parameter {sid}")
+                         if k in ours else v for k, v in saved_state.items()}
+                self._load_entry(member, sid, local)
+            elif FRAGMENTS in saved_state:
                 members = {f.index: m for m in self._binding.members(group)
                            if (f := self._binding.fragment(m)) is not None and f.owner is p}
                 for key, entry in saved_state[FRAGMENTS].items():
@@ -116,7 +152,7 @@ class Checkpointing:
                 self._load_entry(p, sid, saved_state)
         for dev, rng in meta.get("rng", {}).items():
             if torch.device(dev).type == "cpu" or torch.cuda.is_available():
-                self._generator(torch.device(dev)).set_state(rng.cpu())
+                self._generator(torch.device(dev)).set_state(sharding.from_per_rank(rng).cpu())
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

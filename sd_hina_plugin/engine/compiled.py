@@ -190,6 +190,14 @@ class CompiledSteps:
     def run(self, opt: "HinaOptimizer", pack: "Pack", ctx: "StepContext", techniques: list["Technique"],
             present: torch.Tensor | None) -> None:
         key = id(pack)
+        if pack.mesh is not None and key not in self.eager_reasons:
+            # a step over shards sums across ranks inside the chain (engine/sharding.py); such collectives in a graph
+            # are not supported here yet
+            reason = "tensors sharded between ranks (FSDP2): the step's reductions across ranks run eagerly"
+            self.eager_reasons[key] = reason
+            if reason not in self._logged:
+                self._logged.add(reason)
+                logger.info("%s: compile=True: %s", opt.NAME, reason)
         # under a TorchDispatchMode (an op counter, FakeTensor tracing) dynamo compiles nothing: such a caller wants
         # to see the ops, so the step runs eagerly for this call
         if key not in self.eager_reasons and _get_current_dispatch_mode() is None:

@@ -143,7 +143,9 @@ class StepContext:
             raise ValueError(f"temp index must be 0 or 1, got {index}")
         return self.scratch(f"temp{index}", dtype)
 
-    # -- per-tensor arithmetic on flat buffers (ops grow with the number of shapes, not of tensors) ------
+    # -- reductions over tensors, rows and columns: every one a technique needs goes through these, so that for
+    # tensors sharded between ranks (engine/sharding.py) each is summed across the ranks, one collective per call
+    # and pack; ops grow with the number of shapes, not of tensors ------------------------------------------
     def _per_tensor(self, reduce) -> torch.Tensor:
         """``reduce(bucket)`` -> one value per tensor of the bucket; concatenated in pack order."""
         parts = [reduce(b) for b in self.pack.buckets]
@@ -151,16 +153,76 @@ class StepContext:
 
     def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""
-        return self._per_tensor(lambda b: b.rows(x).sum(1))
+        return self.pack.sum_(self._per_tensor(lambda b: b.rows(x).sum(1)))
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
         # a batched (1 x n) @ (n x 1) product, the second operand a transposed view: BLAS' fast path (2.5x a
         # multiply-then-sum and 6x a contiguous (k, n, 1) operand on CPU), no temporary
-        return self._per_tensor(lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1))
+        return self.pack.sum_(self._per_tensor(
+            lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1)))
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1))
+        if self.pack.mesh is None:
+            return self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1))
+        return self.pack.sum_(self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1).square_())).sqrt_()
+
+    def param_norms(self) -> torch.Tensor:
+        """Per-tensor norms of the parameters themselves (fp32)."""
+        if self.compiling or self.pack.mesh is not None:  # (compiled: the gathered flat weights, one graph input)
+            return self.tensor_norm(self.params32())
+        return torch.stack(torch._foreach_norm(self.pack.params)).float()
+
+    def row_means(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of each row of each tensor of flat ``x`` viewed as a matrix ``(shape[0], prod(rest))``: a "rows"
+        buffer (rows are never split between ranks)."""
+        return join([b.matrix(x).mean(dim=-1).reshape(-1) for b in self.pack.buckets])
+
+    def col_means(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of each column of each tensor of flat ``x`` viewed as a matrix, over all its rows: a "cols" buffer."""
+        if self.pack.mesh is None:
+            return join([b.matrix(x).mean(dim=1).reshape(-1) for b in self.pack.buckets])
+        sums = self.pack.sum_all_([b.matrix(x).sum(dim=1) for b in self.pack.buckets])
+        return join([part.div_(b.full_rows).reshape(-1) for part, b in zip(sums, self.pack.buckets)])
+
+    def across_rows_(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-bucket sums over rows (column sums, ``(count, 1, cols)``, or per-tensor sums) made from this rank's
+        rows, completed over all the rows of each tensor (one collective for all of ``parts``); in place."""
+        return self.pack.sum_all_(parts)
+
+    def factored_means(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column means of flat ``x`` plus ``eps``: a "rows" and a "cols" buffer (Adafactor/CAME)."""
+        return self.row_means(x).add_(eps), self.col_means(x).add_(eps)
+
+    def factored_roots(self, r: torch.Tensor, c: torch.Tensor, scale: float = 1.0,
+                       inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a "rows" buffer ``r`` and a "cols" buffer ``c`` of factored statistics: row and column factors whose
+        outer product is ``sqrt(scale * r_i c_j / mean(r))`` per tensor (mean over the tensor's rows), or its
+        reciprocal with ``inverse``, as a "rows" and a "cols" buffer."""
+        buckets = self.pack.buckets
+        if self.pack.mesh is None:
+            means = [b.row_stats(r).mean(dim=-1, keepdim=True) for b in buckets]
+        else:
+            sums = self.pack.sum_all_([b.row_stats(r).sum(dim=-1, keepdim=True) for b in buckets])
+            means = [part.div_(b.full_rows) for part, b in zip(sums, buckets)]
+        rows = join([(b.row_stats(r) / mean).mul_(scale).reshape(-1) for b, mean in zip(buckets, means)])
+        return (rows.rsqrt_(), c.rsqrt()) if inverse else (rows.sqrt_(), c.sqrt())
+
+    def outer_(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``out = rows_i * cols_j`` (times ``x`` elementwise, if given) for every tensor viewed as a matrix, from a
+        "rows" and a "cols" buffer; padding of 8-bit packs is left as it was (eager) or set (compiled)."""
+        if self.compiling:
+            spread = self.pack.spread_rows(rows)
+            if x is not None:
+                return torch.mul(x, spread, out=out).mul_(self.pack.spread_cols(cols))
+            return torch.mul(spread, self.pack.spread_cols(cols), out=out)
+        for b in self.pack.buckets:
+            r, c = b.row_stats(rows).unsqueeze(-1), b.col_stats(cols).unsqueeze(1)
+            if x is not None:
+                torch.mul(b.matrix(x), r, out=b.matrix(out)).mul_(c)
+            else:
+                torch.mul(r, c, out=b.matrix(out))
+        return out
 
     def tensor_scale_(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Multiply each tensor's elements of flat ``x`` by its entry of ``scale`` (n_params,), in place."""
@@ -179,7 +241,7 @@ class StepContext:
         return y
 
     def numels(self) -> torch.Tensor:
-        """Element count of each tensor, ``(n_params,)`` fp32, on the device (see :meth:`Pack.numels`)."""
+        """Element count of each (whole) tensor, ``(n_params,)`` fp32, on the device (see :meth:`Pack.numels`)."""
         return self.pack.numels()
 
     def moment_input(self) -> torch.Tensor:

@@ -107,16 +107,6 @@ class Exchange:
                     flat_owner[start:start + n].copy_(value[src:src + n])
 
 
-def refuse_unsupported(p: torch.Tensor, where: str) -> None:
-    """A clear error for a parameter of an engine these optimizers cannot train: sharded DTensors (FSDP2, tensor
-    parallel), at construction or when an engine puts them into a group afterwards (accelerate's FSDP2 support)."""
-    if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-        raise TypeError(
-            f"{where} is a DTensor (FSDP2 / tensor parallel). Sharded parameters are not supported yet: per-tensor, "
-            f"row/column and pair statistics (norms, CAME's factors, SinkGD, SPD, importance) would need reductions "
-            f"across shards. Use DistributedDataParallel or DeepSpeed ZeRO-1/2 (both tested), or train unsharded.")
-
-
 def _zero3_error(group_index: int) -> TypeError:
     return TypeError(
         f"param group {group_index} is partitioned by DeepSpeed ZeRO stage 3, which these optimizers do not support: "

@@ -48,8 +48,9 @@ class NameMemo:
 
 class Naming:
     def _own_tensors(self) -> list[torch.Tensor]:
-        """The trainable tensors that are parameters themselves (not views an engine cut from its partitions)."""
-        return [m for _, m in self._binding.all_members() if self._binding.fragment(m) is None]
+        """The parameters trained as themselves or as their local shards (FSDP2), not views an engine cut from its
+        flat partitions: what names are found for."""
+        return [self._binding.source(m) for _, m in self._binding.all_members() if self._binding.fragment(m) is None]
 
     def _trainable_ids(self) -> set[int]:
         return {id(p) for p in self._own_tensors()}
@@ -89,11 +90,26 @@ class Naming:
 
     def _set_layout(self, names: dict[int, str], source: str) -> None:
         names = dict(names)
+        # a group's parameters by place: accelerate swaps them for their sharded forms (FSDP2) in place, after the
+        # optimizer learnt the names of the originals, which may be gone by then
+        by_place = self.__dict__.setdefault("_names_by_place", {})
+        for group in self._binding.groups:
+            home = self._binding.home(group)
+            for j, p in enumerate(group["params"]):
+                name = names.get(id(p)) or self._names_seen.get(id(p))
+                if name is not None:
+                    by_place[(home, j)] = name
+                elif (home, j) in by_place and type(p).__name__ == "DTensor":
+                    names[id(p)] = by_place[(home, j)]
         for _, member in self._binding.all_members():
-            fragment = self._binding.fragment(member)
-            seen = self._names_seen.get(id(fragment.source)) if fragment is not None else None
+            origin = self._binding.source(member)
+            if origin is member:
+                continue
+            seen = names.get(id(origin)) if self._binding.fragment(member) is None else None
+            seen = seen or self._names_seen.get(id(origin))
             if seen is not None:
                 names[id(member)] = seen
+                self._names_seen.learn(origin, seen)
         self._lora = LoraLayout.build(self._binding.all_members(), names, source)
         if self._lora.source != "shape rules":
             for name, p in self._lora.params.items():

@@ -62,6 +62,8 @@ class Bucket:
     first: int = 0  # index of the bucket's first parameter in ``Pack.params``
     row_start: int = 0  # offsets of the bucket in "rows" / "cols" buffers (factored statistics)
     col_start: int = 0
+    #: the whole tensors' shape where the bucket holds local shards of sharded tensors (see engine/sharding.py)
+    full_shape: tuple[int, ...] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -69,7 +71,17 @@ class Bucket:
 
     @property
     def n_cols(self) -> int:
-        return self.numel // self.n_rows if self.n_rows else 0
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    @property
+    def full_rows(self) -> int:
+        """Rows of the whole tensors (of a matrix view), where ``n_rows`` counts the local shard's."""
+        shape = self.shape if self.full_shape is None else self.full_shape
+        return shape[0] if shape else 1
+
+    @property
+    def full_numel(self) -> int:
+        return math.prod(self.shape if self.full_shape is None else self.full_shape)
 
     def row_stats(self, buf: torch.Tensor) -> torch.Tensor:
         """The bucket's part of a "rows" buffer as ``(count, rows)``."""
@@ -116,6 +128,10 @@ class Pack:
     derived: dict[str, object] = field(default_factory=dict)
     _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     pad_index: torch.Tensor | None = None
+    #: the ranks these tensors are sharded over (``engine/sharding.py``: members are local shards, reductions over a
+    #: tensor are summed across them) and the whole tensors' shapes; None for tensors held whole
+    mesh: Any = None
+    full_shapes: list[tuple[int, ...]] | None = None
     #: per-parameter offsets into "rows" / "cols" buffers, and their totals
     row_offsets: list[int] = field(default_factory=list)
     col_offsets: list[int] = field(default_factory=list)
@@ -130,18 +146,19 @@ class Pack:
             self.row_offsets.append(self.total_rows)
             self.col_offsets.append(self.total_cols)
             self.total_rows += rows
-            self.total_cols += p.numel() // rows if rows else 0
+            self.total_cols += math.prod(p.shape[1:]) if p.dim() > 1 else 1
             self.offsets.append(offset)
             seg = padded(p.numel()) if self.quantized else p.numel()
             if seg != p.numel():
                 # made on the device: an arange is a kernel, not an upload
                 pads.append(torch.arange(offset + p.numel(), offset + seg, device=self.device))
             shape = tuple(p.shape)
+            full = None if self.full_shapes is None else self.full_shapes[index]
             last = self.buckets[-1] if self.buckets else None
-            if last is not None and last.shape == shape and last.start + last.count * last.seg == offset:
+            if last is not None and last.shape == shape and last.full_shape == full and last.start + last.count * last.seg == offset:
                 last.count += 1
             else:
-                self.buckets.append(Bucket(shape, offset, 1, seg, index, self.row_offsets[-1], self.col_offsets[-1]))
+                self.buckets.append(Bucket(shape, offset, 1, seg, index, self.row_offsets[-1], self.col_offsets[-1], full))
             offset += seg
         self.total = offset
         if pads:
@@ -155,10 +172,24 @@ class Pack:
         return value
 
     def numels(self) -> torch.Tensor:
-        """Element count of each parameter, ``(n_params,)`` fp32, on the device (built once per pack, one fill
-        per bucket: no host-to-device copy, so it may be built in any step)."""
+        """Element count of each parameter (of the whole tensor, for a shard), ``(n_params,)`` fp32, on the device
+        (built once per pack, one fill per bucket: no host-to-device copy, so it may be built in any step)."""
         return self.derive("numels", lambda: torch.cat([
-            torch.full((b.count,), float(b.numel), device=self.device) for b in self.buckets]))
+            torch.full((b.count,), float(b.full_numel), device=self.device) for b in self.buckets]))
+
+    def full_rows(self) -> torch.Tensor:
+        """Rows of each whole tensor viewed as a matrix, ``(n_params,)`` fp32, on the device (like :meth:`numels`)."""
+        return self.derive("full_rows", lambda: torch.cat([
+            torch.full((b.count,), float(b.full_rows), device=self.device) for b in self.buckets]))
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` (partial results of this rank's shards) across the ranks the pack is sharded over, in place;
+        ``x`` itself when its tensors are held whole."""
+        return x if self.mesh is None else self.mesh.sum_(x)
+
+    def sum_all_(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`sum_` of several tensors with one collective."""
+        return parts if self.mesh is None else self.mesh.sum_all_(parts)
 
     #: packs of up to this many buckets of different segment sizes spread per-tensor values by concatenating one
     #: broadcast per bucket (:meth:`spread`); above it, a gather from :meth:`segment_ids` (measured on CPU, 0.4 to
@@ -325,30 +356,47 @@ class Pack:
                 del self._views[key]
 
 
-def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: callable,
-               tag: callable = lambda p: ()) -> list[Pack]:
+def plan_packs(group_index: int, params: list[torch.nn.Parameter], quantize: Callable[[int], bool],
+               tag: Callable = lambda p: (), shard_of: Callable = lambda p: None) -> list[Pack]:
     """Split a group's trainable tensors (see engine/binding.py: which tensors those are is decided there) into packs
-    by (device, dtype, 8-bit or not, technique tags), sorted by shape."""
-    keyed: dict[tuple, list[torch.nn.Parameter]] = {}
+    by (device, dtype, 8-bit or not by ``quantize(numel)``, technique tags, mesh), sorted by shape.
+
+    Local shards of sharded tensors (``shard_of(p)`` not None, see engine/sharding.py) are planned by their whole
+    tensors' shapes and sizes, so that every rank of the mesh plans the same packs of the same tensors in the same
+    order; a rank whose shard is empty keeps the tensor with no elements."""
+    keyed: dict[tuple, list[tuple[torch.nn.Parameter, Any]]] = {}
     for p in params:
-        if p.numel() == 0:
+        shard = shard_of(p)
+        full = math.prod(shard.shape) if shard is not None else p.numel()
+        if full == 0:
             continue
-        keyed.setdefault((str(p.device), p.dtype, bool(quantize(p)), tag(p)), []).append(p)
+        mesh = shard.mesh if shard is not None else None
+        keyed.setdefault((str(p.device), p.dtype, bool(quantize(full)), tag(p), id(mesh)), []).append((p, shard))
     packs = []
-    for (_, dtype, quantized, tags), members in keyed.items():
-        members.sort(key=lambda t: (t.dim(), tuple(t.shape)))
-        cap = min(CHUNK, CPU_CHUNK) if members[0].device.type == "cpu" else CHUNK
-        chunk: list[torch.nn.Parameter] = []
+    for (_, dtype, quantized, tags, _), members in keyed.items():
+        mesh = members[0][1].mesh if members[0][1] is not None else None
+
+        def shape(entry: tuple) -> tuple[int, ...]:
+            return tuple(entry[1].shape if entry[1] is not None else entry[0].shape)
+
+        def pack(chunk: list[tuple]) -> Pack:
+            full = [shape(e) for e in chunk] if mesh is not None else None
+            return Pack(group_index, chunk[0][0].device, dtype, quantized, [p for p, _ in chunk], tags=tags, mesh=mesh, full_shapes=full)
+
+        members.sort(key=lambda e: (len(shape(e)), shape(e)))
+        cap = min(CHUNK, CPU_CHUNK) if members[0][0].device.type == "cpu" else CHUNK
+        chunk: list[tuple] = []
         size = 0
-        for p in members:
-            seg = padded(p.numel()) if quantized else p.numel()
+        for entry in members:
+            numel = math.prod(shape(entry))
+            seg = padded(numel) if quantized else numel
             if chunk and size + seg > cap:
-                packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk, tags=tags))
+                packs.append(pack(chunk))
                 chunk, size = [], 0
-            chunk.append(p)
+            chunk.append(entry)
             size += seg
         if chunk:
-            packs.append(Pack(group_index, chunk[0].device, dtype, quantized, chunk, tags=tags))
+            packs.append(pack(chunk))
     return packs
 
 

@@ -126,18 +126,19 @@ class AdaptiveImportance(Technique):
                 if x is not None and y is not None and id(x) in index and id(y) in index:
                     known.append((index[id(x)], index[id(y)]))
                     used.update(known[-1])
+        shapes = [opt.full_shape(p) for p in params]  # (of the whole tensors, where they are sharded)
         by_rows: dict[int, list[int]] = {}
-        for i, p in enumerate(params):
-            if i not in used and p.dim() >= 2:
-                by_rows.setdefault(p.shape[0], []).append(i)
+        for i, shape in enumerate(shapes):
+            if i not in used and len(shape) >= 2:
+                by_rows.setdefault(shape[0], []).append(i)
         candidates: dict[tuple, list[tuple[int, int]]] = {}
-        for i, p in enumerate(params):
-            if i in used or p.dim() < 2:
+        for i, shape in enumerate(shapes):
+            if i in used or len(shape) < 2:
                 continue
-            for j in by_rows.get(p.numel() // p.shape[0], []):
+            for j in by_rows.get(math.prod(shape[1:]), []):
                 if j != i and j not in used:
                     used.update((i, j))
-                    candidates.setdefault((tuple(p.shape), tuple(params[j].shape)), []).append((i, j))
+                    candidates.setdefault((shape, shapes[j]), []).append((i, j))
                     break
 
         def on_device(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +159,9 @@ class AdaptiveImportance(Technique):
         groups = [(found["known_index"], torch.ones(len(found["known"]), device=device))] if found["known"] else []
         threshold = opt.param_groups[0]["compatibility_threshold"]
         for pairs, index in found["candidates"]:  # one batch per shape class
-            x = as_matrices([params[i] for i, _ in pairs]).norm(dim=1)   # column norms of X over the shared dim
-            y = as_matrices([params[j] for _, j in pairs]).norm(dim=2)   # row norms of Y over the shared dim
+            xs, ys = [params[i] for i, _ in pairs], [params[j] for _, j in pairs]
+            x = opt.sum_rows_(xs, as_matrices(xs).square().sum(dim=1)).sqrt_()  # column norms of X over the shared dim
+            y = opt.complete_rows(ys, as_matrices(ys).norm(dim=2))            # row norms of Y over the shared dim
             x = x - x.mean(1, keepdim=True)
             y = y - y.mean(1, keepdim=True)
             score = ((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-30)).abs()
@@ -181,8 +183,7 @@ class AdaptiveImportance(Technique):
         m_norm, g_norm = ctx.tensor_norm(m), ctx.tensor_norm(g)
         norms = m_norm * g_norm
         consistency = torch.where(norms > 0, ctx.tensor_dot(m, g) / norms.clamp_min(1e-30), torch.zeros_like(norms))
-        # compiled: from the gathered flat weights (a list of the parameters would be one graph input per tensor)
-        weights = ctx.tensor_norm(ctx.params32()) if ctx.compiling else torch.stack(torch._foreach_norm(ctx.pack.params)).float()
+        weights = ctx.param_norms()
         change = ctx.tensor_norm(ctx.u) * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
         snr = m_norm / ctx.tensor_sum(v).clamp_min(0).sqrt().clamp_min(1e-30)
         for key, value in zip(STATS, (consistency.add_(1).mul_(0.5), change, snr)):

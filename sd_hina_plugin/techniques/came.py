@@ -46,7 +46,6 @@ import torch
 
 from ..config import Field
 from ..engine.checkpoint import FRAGMENTS
-from ..engine.pack import join
 from ..engine.technique import Slot, Technique
 from ..numerics.quant8 import smallest_values
 from .adaptive import LR_BUMP, MASK_BOUNDS, MASK_BUMP, MAX_LR, MIN_LR, LrMask, lattice_bounds, mask_settings, mask_unit
@@ -83,43 +82,6 @@ def readable(ctx, name: str, value: torch.Tensor, floor: float) -> torch.Tensor:
     return torch.maximum(value, low, out=ctx.scratch(f"{name}.readable"))
 
 
-def col_mean(x: torch.Tensor) -> torch.Tensor:
-    """Column means of a batch ``(k, m, n)`` -> ``(k, n)``."""
-    return x.mean(dim=1)
-
-
-def factored_root(r: torch.Tensor, c: torch.Tensor, scale: float = 1.0, inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column factors ``(k, m, 1)``, ``(k, 1, n)`` with product ``sqrt(scale * r_i c_j / mean(r))``, or
-    its reciprocal with ``inverse`` (the factored v and residual S of CAME)."""
-    rows = (r / r.mean(dim=-1, keepdim=True)).mul_(scale)
-    if inverse:
-        return rows.rsqrt_().unsqueeze(-1), c.rsqrt().unsqueeze(1)
-    return rows.sqrt_().unsqueeze(-1), c.sqrt().unsqueeze(1)
-
-
-def factored_means(pack, sq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column means of flat ``sq`` plus ``eps``, as a "rows" and a "cols" buffer of the pack (compiled
-    step: reductions that only read the flat buffer, bucket by bucket)."""
-    rows, cols = [], []
-    for b in pack.buckets:
-        matrix = b.matrix(sq)
-        rows.append(matrix.mean(dim=-1).reshape(-1))
-        cols.append(col_mean(matrix).reshape(-1))
-    return join(rows).add_(eps), join(cols).add_(eps)
-
-
-def factored_roots(pack, r: torch.Tensor, c: torch.Tensor, scale: float = 1.0,
-                   inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`factored_root` of every bucket, as a "rows" and a "cols" buffer (for ``Pack.spread_rows`` /
-    ``Pack.spread_cols`` in a compiled step)."""
-    rows, cols = [], []
-    for b in pack.buckets:
-        fr, fc = factored_root(b.row_stats(r), b.col_stats(c), scale, inverse)
-        rows.append(fr.reshape(-1))
-        cols.append(fc.reshape(-1))
-    return join(rows), join(cols)
-
-
 class CameSecondMoment(Technique):
     """Stage ``moments``: the normalised gradient ``u`` into ``ctx.m_in`` (or the raw gradient with came=False)."""
 
@@ -150,29 +112,19 @@ class CameSecondMoment(Technique):
         g = ctx.g
         g2 = torch.mul(g, g, out=ctx.temp())
         x = ctx.moment_input()
-        if is_matrix(ctx.pack) and ctx.compiling and not first:
+        if is_matrix(ctx.pack):  # v = r c^T / mean(r): row means and column means of g^2
             rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
-            fr, fc = factored_roots(ctx.pack, rows, cols)
-            torch.mul(g, ctx.pack.spread_rows(fr), out=x).mul_(ctx.pack.spread_cols(fc))
-            new_r, new_c = factored_means(ctx.pack, g2, eps1)
-            rows.lerp_(new_r, 1.0 - b2)
-            cols.lerp_(new_c, 1.0 - b2)
-        elif is_matrix(ctx.pack):
-            rows, cols = ctx.state("exp_avg_sq.row"), ctx.state("exp_avg_sq.col")
-            for b in ctx.buckets:
-                sq = b.matrix(g2)
-                r, c = b.row_stats(rows), b.col_stats(cols)
-                new_r, new_c = sq.mean(dim=-1).add_(eps1), col_mean(sq).add_(eps1)
-                if first:
-                    r.copy_(new_r)
-                    c.copy_(new_c)
-                    continue
-                fr, fc = factored_root(r, c)
-                torch.mul(b.matrix(g), fr, out=b.matrix(x)).mul_(fc)
-                r.lerp_(new_r, 1.0 - b2)
-                c.lerp_(new_c, 1.0 - b2)
-            if ctx.pack.pad_index is not None and not first:
-                x.index_fill_(0, ctx.pack.pad_index, 0.0)
+            new_r, new_c = ctx.factored_means(g2, eps1)
+            if first:
+                rows.copy_(new_r)
+                cols.copy_(new_c)
+            else:
+                fr, fc = ctx.factored_roots(rows, cols)  # 1 / sqrt(v_{t-1}) as row and column factors
+                ctx.outer_(x, fr, fc, g)
+                rows.lerp_(new_r, 1.0 - b2)
+                cols.lerp_(new_c, 1.0 - b2)
+                if ctx.pack.pad_index is not None and not ctx.compiling:
+                    x.index_fill_(0, ctx.pack.pad_index, 0.0)
         else:
             v = ctx.state("exp_avg_sq")
             g2.add_(eps1)
@@ -254,27 +206,15 @@ class CameConfidence(Technique):
         m, u = ctx.state("exp_avg"), ctx.u
         res = torch.sub(ctx.m_in, m, out=ctx.temp()).square_()
         correction = ctx.scalars[self.name]["correction"]
-        if is_matrix(ctx.pack) and ctx.compiling:
+        if is_matrix(ctx.pack):
             rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
-            new_r, new_c = factored_means(ctx.pack, res, eps2)
+            new_r, new_c = ctx.factored_means(res, eps2)
             rows.lerp_(new_r, 1.0 - b3)
             cols.lerp_(new_c, 1.0 - b3)
-            root_r, root_c = factored_roots(ctx.pack, rows, cols, correction, inverse=False)
-            # padding: m is 0 there, so u is too
-            torch.div(m, ctx.pack.spread_rows(root_r).mul_(ctx.pack.spread_cols(root_c)).add_(eps3), out=u)
-        elif is_matrix(ctx.pack):
-            rows, cols = ctx.state("exp_avg_res.row"), ctx.state("exp_avg_res.col")
-            for b in ctx.buckets:
-                sq = b.matrix(res)
-                r, c = b.row_stats(rows), b.col_stats(cols)
-                r.lerp_(sq.mean(dim=-1).add_(eps2), 1.0 - b3)
-                c.lerp_(col_mean(sq).add_(eps2), 1.0 - b3)
-                root_r, root_c = factored_root(r, c, correction, inverse=False)
-                out = b.matrix(u)
-                # the outer product, then + e3: a three-operand broadcast (addcmul) is 3-4x slower on CPU
-                torch.mul(root_r, root_c, out=out).add_(eps3)
-                torch.div(b.matrix(m), out, out=out)
-            if ctx.pack.pad_index is not None:
+            root_r, root_c = ctx.factored_roots(rows, cols, correction, inverse=False)
+            # the outer product, then + e3: a three-operand broadcast (addcmul) is 3-4x slower on CPU
+            torch.div(m, ctx.outer_(u, root_r, root_c).add_(eps3), out=u)
+            if ctx.pack.pad_index is not None and not ctx.compiling:  # (compiled: m is 0 there, so u is too)
                 u.index_fill_(0, ctx.pack.pad_index, 0.0)
         else:
             s = ctx.state("exp_avg_res")
@@ -317,21 +257,20 @@ class ElementAdaDecay(Technique):
         eps3 = ctx.hp["eps"][2]
         a = torch.abs(ctx.g, out=ctx.temp())
         theta = ctx.params32()
-        if ctx.compiling:  # the same per tensor, broadcast by Pack.spread: no in-place writes into slices
-            n = ctx.numels()
-            mean = ctx.tensor_sum(a) / n
-            var = (ctx.tensor_norm(a).square_() / n - mean.square()).clamp_min_(0.0)
-            scale = 4.0 / (var.sqrt_() + eps3)
-            z = a.mul_(ctx.pack.spread(scale)).sub_(ctx.pack.spread(mean * scale)).sigmoid_()
+        # mean and variance of |g| per tensor from its sum and sum of squares (torch.std_mean is ~50x slower on CPU)
+        n = ctx.numels()
+        mean = ctx.tensor_sum(a).div_(n)
+        var = ctx.tensor_norm(a).square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
+        scale = 4.0 / (var.sqrt_() + eps3)  # 4 z = |g| * scale - mean * scale
+        shift = mean.mul_(scale)
+        if ctx.compiling:  # broadcast by Pack.spread: no in-place writes into slices
+            z = a.mul_(ctx.pack.spread(scale)).sub_(ctx.pack.spread(shift)).sigmoid_()
             ctx.u.add_(z * theta * (2.0 * wd))
             return
         for b in ctx.buckets:
-            rows = b.rows(a)
-            n = rows.shape[1]
-            mean = rows.sum(dim=1, keepdim=True).div_(n)
-            var = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
-            scale = 4.0 / (var.sqrt_() + eps3)  # 4 z = |g| * scale - mean * scale (torch.std_mean is ~50x slower on CPU)
-            rows.mul_(scale).sub_(mean * scale).sigmoid_()  # two in-place broadcasts: 3x a broadcast addcmul on CPU
+            rows, part = b.rows(a), slice(b.first, b.first + b.count)
+            # two in-place broadcasts: 3x a broadcast addcmul on CPU
+            rows.mul_(scale[part].unsqueeze(1)).sub_(shift[part].unsqueeze(1)).sigmoid_()
             b.rows(ctx.u).addcmul_(rows, b.rows(theta), value=2.0 * wd)
 
 

@@ -85,15 +85,21 @@ class Context:
         return self._ensure(device)["mult"]
 
     # -- per step ---------------------------------------------------------------------------------------
-    def accumulate(self, values: torch.Tensor) -> None:
-        """Add one pack's ``(<u, m>, |u|^2, |m|^2, |g|^2)`` to this step's sums."""
-        sums = self.opt.step_cache.get(_SUMS)
-        self.opt.step_cache[_SUMS] = values if sums is None else sums + values.to(sums.device)
+    def accumulate(self, values: torch.Tensor, pack: Any) -> None:
+        """Add one pack's ``(<u, m>, |u|^2, |m|^2, |g|^2)`` to this step's sums (kept apart per mesh for packs of
+        sharded tensors, whose sums are this rank's parts: completed once per step in :meth:`update`)."""
+        by_mesh = self.opt.step_cache.setdefault(_SUMS, {})
+        entry = by_mesh.get(id(pack.mesh))
+        by_mesh[id(pack.mesh)] = (pack, values if entry is None else entry[1] + values.to(entry[1].device))
 
     def update(self) -> None:
-        sums = self.opt.step_cache.pop(_SUMS, None)
-        if sums is None:
+        by_mesh = self.opt.step_cache.pop(_SUMS, None)
+        if not by_mesh:
             return
+        sums = None
+        for pack, values in by_mesh.values():
+            values = pack.sum_(values)
+            sums = values if sums is None else sums + values.to(sums.device)
         hp = self._hp()
         t = self._ensure(sums.device)
         rates, weights = self._rates, self._weights
@@ -218,7 +224,7 @@ class ContextProbe(Technique):
     def run(self, ctx) -> None:
         u, m = ctx.m_in, ctx.state("exp_avg")
         values = torch.stack([torch.dot(u, m), torch.dot(u, u), torch.dot(m, m), torch.dot(ctx.g, ctx.g)])
-        ctx.opt.c_optim.accumulate(values)
+        ctx.opt.c_optim.accumulate(values, ctx.pack)
 
     def finish(self, opt) -> None:
         opt.c_optim.update()

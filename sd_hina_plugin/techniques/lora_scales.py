@@ -82,15 +82,16 @@ class AloraRowScale(Technique):
     summary = "ALoRA-style scale 1/(1+||row of BA||) from B and A's Gram matrix; LoKr/LoHa by the product norm"
 
     @staticmethod
-    def _plan(layout) -> dict[str, Any]:
-        """Pairs grouped by shape and LoKr/LoHa modules, derived once per layout."""
+    def _plan(opt) -> dict[str, Any]:
+        """Pairs grouped by (whole tensors') shape and LoKr/LoHa modules, derived once per layout."""
+        layout = opt.lora
         plan = layout.cache.get("alora")
         if plan is None:
             pairs = [layout.members(m) for m in layout.complete("lora") if Role.LORA_MID not in m.members]
             classes: dict[tuple, tuple[list, list]] = {}
             for m in pairs:
                 b, a = m[Role.LORA_B], m[Role.LORA_A]
-                bs, as_ = classes.setdefault((tuple(b.shape), tuple(a.shape)), ([], []))
+                bs, as_ = classes.setdefault((opt.full_shape(b), opt.full_shape(a)), ([], []))
                 bs.append(b)
                 as_.append(a)
             plan = {"classes": list(classes.values()), "buffers": {},
@@ -99,18 +100,22 @@ class AloraRowScale(Technique):
         return plan
 
     def prepare(self, opt: Any) -> None:
-        plan = self._plan(opt.lora)
+        plan = self._plan(opt)
         scales: dict[int, torch.Tensor] = {}
         for index, (bs, as_) in enumerate(plan["classes"]):  # one batch per shape class
             buffers = plan["buffers"].setdefault(index, {})  # persistent: no 10 MB allocations per step
-            a = as_matrices(as_, buffers, "a", exact_dtype(as_[0].device))  # stacked in float64 for the Gram matrix
+            # A whole (its Gram matrix spans all its rows), stacked in float64; B's rows as held (sharded: this rank's)
+            a = as_matrices(opt.whole(as_), buffers, "a", exact_dtype(as_[0].device))
             rows = batched_row_norms(as_matrices(bs, buffers, "b"), a, buffers)
             b_shape = (rows.shape[0], rows.shape[1], *([1] * (bs[0].dim() - 1)))
             scales.update(zip(map(id, bs), (1.0 / (1.0 + rows)).view(b_shape).unbind(0)))
-            scales.update(zip(map(id, as_), (1.0 / (1.0 + rows.mean(-1))).unbind(0)))
+            mean = opt.sum_rows_(bs, rows.sum(-1)).div_(opt.full_shape(bs[0])[0])  # mean over all rows of BA
+            scales.update(zip(map(id, as_), (1.0 / (1.0 + mean)).unbind(0)))
         for family, modules in plan["families"].items():
             if modules:
-                for members, norm in zip(modules, (1.0 / (1.0 + factor_norms(family, modules))).unbind(0)):
+                whole = iter(opt.whole([p for m in modules for p in m.values()]))  # (sharded: one collective)
+                entire = [{role: next(whole) for role in m} for m in modules]
+                for members, norm in zip(modules, (1.0 / (1.0 + factor_norms(family, entire))).unbind(0)):
                     for p in members.values():
                         scales[id(p)] = norm
         opt.step_cache[self.name] = scales

@@ -82,71 +82,68 @@ class SinkgdDirection(Technique):
     def run(self, ctx) -> None:
         m, g, u = ctx.state("exp_avg"), ctx.g, ctx.u
         iterations = sinkgd_iterations(ctx.hp)
-        x2 = ctx.temp()  # X^2 for the passes (grams: |m| first; no fresh buffer per step)
         b1 = ctx.hp["beta1"]
         if ctx.hp["sinkgd_momentum"] == "nesterov":
             m.lerp_(g, 1.0 - b1)
             torch.lerp(g, m, b1, out=u)
             ctx.touch("exp_avg")
-            if ctx.compiling:
-                self.normalize_flat(ctx.pack, u, iterations)
-                return
-            for bucket in ctx.buckets:
-                self.normalize_bucket(bucket, u, x2, iterations)
+            self.normalize(ctx, u, iterations)
             return
+        x2 = ctx.temp()
         for bucket in ctx.buckets:
             rows_u, rows_m, rows_g = bucket.rows(u), bucket.rows(m), bucket.rows(g)
-            matrix = len(bucket.shape) >= 2
-            if matrix:
+            if len(bucket.shape) >= 2:
                 torch.add(rows_g, rows_m, out=rows_u).sign_()
             else:
                 torch.sign(rows_g, out=rows_u)
             rows_u.mul_(torch.abs(rows_m, out=bucket.rows(x2)))
-            self.normalize_bucket(bucket, u, x2, iterations)
+        self.normalize(ctx, u, iterations)
         m.lerp_(g, 1.0 - b1)
         ctx.touch("exp_avg")
 
     @classmethod
-    def normalize_bucket(cls, bucket, u: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
-        if len(bucket.shape) >= 2:
-            cls.normalize(bucket.matrix(u), bucket.matrix(x2), iterations)
-        else:  # a vector is one row normalised to sqrt(n): RMS 1, the scale of a SinkGD matrix
-            rows_u = bucket.rows(u)
-            rows_u.mul_(math.sqrt(bucket.numel) / (torch.linalg.vector_norm(rows_u, dim=1, keepdim=True) + EPS))
-
-    @classmethod
-    def normalize_flat(cls, pack, u: torch.Tensor, iterations: int) -> None:
-        """The passes of every bucket of flat ``u``, for a compiled step: the scales are found bucket by bucket from
-        reads of ``u``, then applied in one multiply through ``Pack.spread_rows`` / ``Pack.spread_cols`` (writes into
-        slices of a flat buffer would become one nested mask per bucket in the generated loop)."""
-        rows, cols = [], []
-        for bucket in pack.buckets:
-            x = bucket.matrix(u)
-            if len(bucket.shape) >= 2:
-                r, c = cls.scales(x * x, iterations)
-            else:  # (k, n, 1) as matrices: the tensor's one scale on each of its rows
-                norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
-                r, c = (math.sqrt(bucket.numel) / (norm + EPS)).expand(x.shape), torch.ones_like(x[:, :1, :])
-            rows.append(r.reshape(-1))
-            cols.append(c.reshape(-1))
-        u.mul_(pack.spread_rows(join(rows)).mul_(pack.spread_cols(join(cols))))
+    def normalize(cls, ctx, u: torch.Tensor, iterations: int) -> None:
+        """The passes over every tensor of flat ``u``, in place. Pass by pass over all buckets, so that a pass's
+        column sums (over rows a shard may not hold) are completed for the whole pack at once; a vector is one row
+        normalised to norm sqrt(n): RMS 1, the scale of a SinkGD matrix. Compiled: the scales are applied in one
+        multiply through ``Pack.spread_rows`` / ``Pack.spread_cols`` (writes into slices of a flat buffer would
+        become one nested mask per bucket in the generated loop)."""
+        pack = ctx.pack
+        matrices = [b for b in pack.buckets if len(b.shape) >= 2]
+        vectors = [b for b in pack.buckets if len(b.shape) < 2]
+        x2 = ctx.temp()
+        squares = [torch.mul(b.matrix(u), b.matrix(u), out=b.matrix(x2)) for b in matrices]
+        scales = dict(zip(map(id, matrices), cls._passes(ctx, matrices, squares, iterations))) if matrices else {}
+        if vectors:
+            norms = ctx.tensor_norm(u)
+            for b in vectors:
+                norm = norms[b.first:b.first + b.count].view(-1, 1, 1)
+                scales[id(b)] = ((math.sqrt(b.full_numel) / (norm + EPS)).expand(b.count, b.n_rows, 1),
+                                 torch.ones(b.count, 1, 1, device=u.device))
+        if ctx.compiling:
+            rows = join([scales[id(b)][0].reshape(-1) for b in pack.buckets])
+            cols = join([scales[id(b)][1].reshape(-1) for b in pack.buckets])
+            u.mul_(pack.spread_rows(rows).mul_(pack.spread_cols(cols)))
+            return
+        for b in pack.buckets:
+            r, c = scales[id(b)]
+            b.matrix(u).mul_(r).mul_(c)
 
     @staticmethod
-    def scales(x2: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The row and column scales ``(k, m, 1)``, ``(k, 1, n)`` of the passes over ``x2 = X^2`` (k, m, n)."""
-        k, rows, cols = x2.shape
-        c = torch.ones(k, 1, cols, device=x2.device)
+    def _passes(ctx, buckets: list, squares: list[torch.Tensor], iterations: int) -> list[torch.Tensor]:
+        """The scales ``(r, c)``, ``(k, m, 1)`` and ``(k, 1, n)``, of the passes over ``X^2`` of each bucket; the
+        column sums of each pass completed for all buckets with one call (``ctx.across_rows_``)."""
+        cs = [torch.ones(b.count, 1, b.n_cols, device=x2.device) for b, x2 in zip(buckets, squares)]
+        rs = [None] * len(buckets)
         for _ in range(iterations):
-            # (k, 1, n) vectors passed transposed: bmm's fast path here (a contiguous (k, n, 1) is ~8x slower on CPU)
-            r = math.sqrt(cols) / (torch.bmm(x2, (c * c).transpose(1, 2)).sqrt_() + EPS)     # (k, m, 1)
-            c = math.sqrt(rows) / (torch.bmm((r * r).transpose(1, 2), x2).sqrt_() + EPS)     # (k, 1, n)
-        return r, c
-
-    @classmethod
-    def normalize(cls, x: torch.Tensor, x2: torch.Tensor, iterations: int) -> None:
-        """In place on the batch ``x`` (k, m, n); ``x2`` is scratch of the same shape."""
-        r, c = cls.scales(torch.mul(x, x, out=x2), iterations)
-        x.mul_(r).mul_(c)
+            sums = []
+            for i, (b, x2) in enumerate(zip(buckets, squares)):
+                # (k, 1, n) vectors passed transposed: bmm's fast path here (a contiguous (k, n, 1) is ~8x slower on CPU)
+                rs[i] = math.sqrt(b.n_cols) / (torch.bmm(x2, (cs[i] * cs[i]).transpose(1, 2)).sqrt_() + EPS)   # (k, m, 1)
+                sums.append(torch.bmm((rs[i] * rs[i]).transpose(1, 2), x2))                                 # (k, 1, n)
+            sums = ctx.across_rows_(sums)
+            cs = [math.sqrt(b.full_rows) / (s.sqrt_() + EPS) for b, s in zip(buckets, sums)]
+        return list(zip(rs, cs))
 
 
 class VelocityRegularization(Technique):
@@ -220,7 +217,12 @@ class AdaptiveWeightDecay(Technique):
                 numels = numels[index]
             # fp32 norms (float64 gradients: in float64, as _foreach_norm cannot narrow, then fp32 like the rest)
             wide = any(x.dtype == torch.float64 for x in grads)
-            mean_abs = torch.stack(torch._foreach_norm(grads, 1, dtype=None if wide else torch.float32)).float() / numels
+            l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=None if wide else torch.float32)).float()
+            if any(pack.mesh is not None for pack in packs):  # sharded: each rank's part of every tensor's sum
+                whole = torch.zeros(len(params), device=l1.device)
+                l1 = opt.sum_across_ranks_(packs, whole.index_copy_(0, index, l1) if not all(present) else l1)
+                l1 = l1[index] if not all(present) else l1
+            mean_abs = l1 / numels
             finite = torch.isfinite(mean_abs)
             count = finite.sum().clamp_min(1)
             values = torch.where(finite, mean_abs, 0.0)

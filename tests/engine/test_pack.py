@@ -12,7 +12,7 @@ from sd_hina_plugin.engine.pack import Pack, plan_packs
 def test_buckets_view_same_shape_params_without_copy():
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (3,), (4, 6), (2, 3, 3, 3), (4, 6)]]
     for quantized in (False, True):
-        (pack,) = plan_packs(0, params, lambda p: quantized)
+        (pack,) = plan_packs(0, params, lambda numel: quantized)
         flat = torch.zeros(pack.total)
         for view, p in zip(pack.views(flat), pack.params):
             view.copy_(p.detach())
@@ -37,7 +37,7 @@ def test_plan_splits_by_dtype_and_precision_and_skips_empty():
     b = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     c = torch.nn.Parameter(torch.randn(5000))
     e = torch.nn.Parameter(torch.randn(0))
-    packs = plan_packs(0, [a, b, c, e], lambda p: p.numel() >= 4096)
+    packs = plan_packs(0, [a, b, c, e], lambda numel: numel >= 4096)
     keyed = {(pk.dtype, pk.quantized): [id(p) for p in pk.params] for pk in packs}
     assert keyed == {(torch.float32, False): [id(a)], (torch.bfloat16, False): [id(b)], (torch.float32, True): [id(c)]}
     quantized = next(pk for pk in packs if pk.quantized)
@@ -48,14 +48,14 @@ def test_chunking_caps_pack_size(monkeypatch):
     import sd_hina_plugin.engine.pack as pack_module
     monkeypatch.setattr(pack_module, "CHUNK", 100)
     params = [torch.nn.Parameter(torch.randn(40)) for _ in range(5)]
-    packs = plan_packs(0, params, lambda p: False)
+    packs = plan_packs(0, params, lambda numel: False)
     assert [len(p.params) for p in packs] == [2, 2, 1]
 
 
 def test_runs_cover_exactly_the_indexed_parameters_with_adjacent_ones_merged():
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 6), (3,), (4, 6), (2, 3, 3, 3), (4, 6)]]
     for quantized in (False, True):
-        (pack,) = plan_packs(0, params, lambda p: quantized)
+        (pack,) = plan_packs(0, params, lambda numel: quantized)
         n = len(pack.params)
         for index in ([0, 1, 2], [0, 2], [n - 1], list(range(n)), [1, 0]):
             runs = pack.runs(index)
@@ -134,7 +134,7 @@ def test_spread_broadcasts_per_tensor_row_and_column_values_in_every_form():
     ]
     for shapes, quantized, mode in cases:
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        (pack,) = plan_packs(0, params, lambda p: quantized)
+        (pack,) = plan_packs(0, params, lambda numel: quantized)
         assert pack.spread_mode() == mode, (shapes, quantized)
         pack.index_tensors({"rows", "cols"})
         per_tensor = torch.randn(len(pack.params))

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from support import lora_problem, roundtrip, train, trainable
+from support import lora_problem, roundtrip, step_context, train, trainable
 
 from sd_hina_plugin import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit,
                             OptimizerConfig)
 from sd_hina_plugin.diagnostics import state_bytes
-from sd_hina_plugin.techniques.came import LatticeLrMask, factored_root
+from sd_hina_plugin.techniques.came import LatticeLrMask
 
 HP = dict(lr_bump=1e-4, min_lr=1e-4, max_lr=1e-2, warmup_steps=8, weight_decay=0.05)
 LR = 1e-3
@@ -151,17 +151,24 @@ def test_eight_bit_and_coptim_follow_the_fp32_algorithm():
         torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-8)
 
 
+def _factored(r, c):
+    """1 / sqrt(v) of CAME's factored second moment from row statistics ``r`` (k, m) and column statistics ``c``
+    (k, n) of k matrices, through the step context's primitives."""
+    k, m, n = r.shape[0], r.shape[1], c.shape[1]
+    ctx = step_context([torch.zeros(m, n) for _ in range(k)])
+    fr, fc = ctx.factored_roots(r.reshape(-1), c.reshape(-1))
+    return ctx.outer_(torch.empty(ctx.pack.total), fr, fc).view(k, m, n)
+
+
 def test_factored_second_moment_is_the_outer_product_of_row_and_column_means():
     torch.manual_seed(0)
     r, c = torch.rand(3, 5) + 0.1, torch.rand(3, 7) + 0.1  # rows, columns of 3 matrices
-    fr, fc = factored_root(r, c)
     V = r[:, :, None] * c[:, None, :] / r.mean(1)[:, None, None]
-    torch.testing.assert_close(fr * fc, V.rsqrt())
+    torch.testing.assert_close(_factored(r, c), V.rsqrt())
     # for a rank-one g^2 (g_ij = a_i b_j) the factored v is exact: V = g^2
     a, b = torch.rand(5) + 0.5, torch.rand(7) + 0.5
     g2 = (a[:, None] * b[None, :]) ** 2
-    fr, fc = factored_root(g2.mean(1)[None], g2.mean(0)[None])
-    torch.testing.assert_close((fr * fc)[0], g2.rsqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(_factored(g2.mean(1)[None], g2.mean(0)[None])[0], g2.rsqrt(), rtol=1e-5, atol=0)
 
 
 def test_first_step_only_initialises_and_a_dead_row_stays_finite():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from support import lora_problem, roundtrip, train, trainable
+from support import lora_problem, roundtrip, step_context, train, trainable
 
 from sd_hina_plugin import Automagic_Sinkgd
 from sd_hina_plugin.techniques.sinkgd import SinkgdDirection
@@ -26,8 +26,10 @@ def test_sinkgd_kernel_equals_alternating_normalisation(shape):
     torch.manual_seed(0)
     x = torch.randn(3, *shape) * torch.logspace(-3, 1, shape[1])  # badly scaled columns
     expected = torch.stack([plain_sinkgd(m, 4) for m in x])
-    out = x.clone()
-    SinkgdDirection.normalize(out, torch.empty_like(out), 4)
+    ctx = step_context(list(x))
+    u = x.reshape(-1).clone()
+    SinkgdDirection.normalize(ctx, u, 4)
+    out = u.view_as(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.norm(dim=1), torch.full((3, shape[1]), math.sqrt(shape[0])), rtol=1e-4, atol=1e-4)
     rms = out.pow(2).mean().sqrt().item()
