@@ -186,38 +186,63 @@ def test_ddp_two_processes_keep_parameters_and_state_identical(tmp_path):
         assert torch.equal(rank0, rank1), name
 
 
-def test_fsdp2_dtensor_parameters_are_rejected_clearly(tmp_path):
+def _one_rank(tmp_path):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    return dist
+
+
+def _sharded_run(order: str, name: str) -> list[torch.Tensor]:
+    """Four steps of ``name`` on a small model, plain or under FSDP2 on one rank (``order``: "plain", "shard-first",
+    or accelerate's: built on the plain parameters, then switched to the sharded ones by accelerate's own helper)."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.GELU(), torch.nn.Linear(6, 1))
+    spec = next(s for s in SPECS if s.name == name)
+    if order == "shard-first":
         fully_shard(model)
-        with pytest.raises(TypeError, match="is a DTensor \\(FSDP2"):
-            HinaAdamWCore(model.parameters())
+    opt = spec.cls(model.named_parameters(), lr=1e-2)
+    if order == "accelerate":
+        originals = [p.data_ptr for p in model.parameters()]  # (accelerate keys its map by the bound method)
+        fully_shard(model)
+        fsdp2_switch_optimizer_parameters(opt, dict(zip(originals, model.parameters())))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(4, 8, generator=gen)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["HinaAdamWCore", "Automagic_CameAMP", "Automagic_Sinkgd"])
+def test_fsdp2_on_one_rank_trains_as_the_plain_model_in_both_orders(tmp_path, name):
+    """FSDP2's sharded parameters (DTensors) on a one-rank mesh, in both orders users meet: built after
+    fully_shard, and accelerate's (its own fsdp2_switch_optimizer_parameters swaps them in after construction; this
+    used to fail inside a foreach op). The 2-rank runs against one process are in tests/distributed (-m distributed)."""
+    dist = _one_rank(tmp_path)
+    try:
+        plain = _sharded_run("plain", name)
+        for order in ("shard-first", "accelerate"):
+            for a, b in zip(_sharded_run(order, name), plain):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_parameters_switched_in_after_construction_are_rejected_clearly(tmp_path):
-    """accelerate's order: the optimizer is built on the original parameters, then accelerate's own
-    fsdp2_switch_optimizer_parameters puts the sharded ones into its groups. The first step says why it cannot train
-    them (it used to fail inside a foreach op, 'mixed torch.Tensor and DTensor')."""
-    import torch.distributed as dist
-    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
-    from torch.distributed.fsdp import fully_shard
+def test_dtensor_layouts_fsdp2_does_not_make_are_refused_clearly(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist = _one_rank(tmp_path)
     try:
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-        opt = HinaAdamWCore(model.parameters())
-        originals = {p.data_ptr: p for p in model.parameters()}
-        fully_shard(model)
-        fsdp2_switch_optimizer_parameters(opt, {ptr: p for ptr, p in zip(originals, model.parameters())})
-        model(torch.randn(2, 8)).sum().backward()
-        with pytest.raises(TypeError, match="put into param group 0 after construction is a DTensor \\(FSDP2"):
-            opt.step()
+        mesh = init_device_mesh("cpu", (1,))
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        with pytest.raises(TypeError, match=r"laid out as \(Shard\(dim=1\),\).*tensor parallel"):
+            HinaAdamWCore([weight])
     finally:
         dist.destroy_process_group()
 
