@@ -209,3 +209,61 @@ def test_plots_mark_curves_that_lie_on_another():
     for twin, ref in (("Automagic_CameAMP8bit", "Automagic_CameAMP"), ("HinaAdamWCore", BASELINE)):
         assert styles[twin]["linestyle"] != styles[ref]["linestyle"] and styles[twin]["zorder"] > styles[ref]["zorder"]
     assert "[" not in styles["Automagic_Sinkgd"]["label"] and "[" not in styles["Automagic_CameAMP"]["label"]
+
+
+def _small_encoder_task(seed: int):
+    from sd_hina_plugin.bench.encoder import encoder_lora
+
+    return encoder_lora(seed, pretrain_steps=30, width=32, layers=1, batch=8, context=16, heldout=32)
+
+
+def test_encoder_lora_task_runs_in_the_bench(tmp_path, monkeypatch):
+    """The encoder-lora task (here with a small base model) through `sd-hina bench`: its LoRA factors and the trained
+    head reach the optimizer under PEFT's names, the pretraining lowered the LM loss, and the fine-tune lowers the
+    held-out loss."""
+    from sd_hina_plugin.bench import tasks
+    from sd_hina_plugin.bench.encoder import CLASS_MODULES, pretrained
+    from sd_hina_plugin.lora.names import Role, classify
+
+    monkeypatch.setitem(tasks.TASKS, "encoder-lora", (_small_encoder_task,) + tasks.TASKS["encoder-lora"][1:])
+    problem = _small_encoder_task(0)
+    roles = [classify(name).role for name, _ in problem.named]
+    assert roles.count(Role.LORA_A) == roles.count(Role.LORA_B) == 2  # query and value of the one layer
+    head = [name for name, _ in problem.named if "classifier" in name]
+    assert head == ["base_model.model.classifier.modules_to_save.default.weight",
+                    "base_model.model.classifier.modules_to_save.default.bias"]
+    assert dict(problem.named)[head[0]].shape == (len(CLASS_MODULES), 32)
+    _, start, end = pretrained(32, 1, 16, 30)
+    assert end < start - 0.5
+    out = tmp_path / "results"
+    assert cli.main(["bench", "--task", "encoder-lora", "--optimizer", "AdamW_HinaAdaptive", "--steps", "30",
+                     "--seeds", "1", "--lr-multipliers", "3", "--out", str(out)]) == 0
+    rows = {row["optimizer"]: row for row in json.loads((out / "results.json").read_text())["summary"]["encoder-lora"]}
+    assert set(rows) == {BASELINE, "AdamW_HinaAdaptive"}
+    for row in rows.values():
+        assert row["final_mean"] < row["initial"]
+
+
+def test_encoder_lora_task_is_what_peft_builds():
+    """attach_lora gives the trainable parameters, names and forward pass of get_peft_model with the same LoraConfig."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from sd_hina_plugin.bench.encoder import CharTransformer, TextClassifier, attach_lora
+
+    torch.manual_seed(0)
+    model = TextClassifier(CharTransformer(32, 2, 16), 4)
+    ours_model, peft_model = copy.deepcopy(model), copy.deepcopy(model)
+    ours = attach_lora(ours_model, rank=8, alpha=16.0)
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                             modules_to_save=["classifier"])
+    peft_model = peft.get_peft_model(peft_model, config)
+    theirs = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert sorted((n, p.shape) for n, p in ours) == sorted((n, p.shape) for n, p in theirs.items())
+    for name, p in ours:  # PEFT zero-initialises B: give every trained tensor a value, the same in both models
+        assert torch.equal(p, theirs[name]) or "lora_" in name
+        with torch.no_grad():
+            p.normal_()
+            theirs[name].copy_(p)
+    idx = torch.randint(0, 96, (3, 16))
+    torch.testing.assert_close(ours_model(idx), peft_model(idx))
