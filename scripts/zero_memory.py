@@ -1,7 +1,9 @@
-"""Optimizer state per rank under DeepSpeed ZeRO-2, on CPU (gloo), for every optimizer: the figures of docs/multi_gpu.md.
+"""Optimizer state per rank under DeepSpeed ZeRO-2 or FSDP2, on CPU (gloo), for every optimizer: the figures of
+docs/multi_gpu.md.
 
-    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/zero_memory.py            # 2 ranks
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/zero_memory.py            # 2 ranks, ZeRO-2
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 1 scripts/zero_memory.py            # 1 rank, the same model
+    torchrun --nproc_per_node 2 scripts/zero_memory.py --engine fsdp2                # 2 ranks, fully_shard
 
 The model is bench_step.py's LoRA set (200 rank-16 modules of 768 features, kohya names, 4.92 M parameters) in two
 param groups (text encoder: the first 41 modules; U-Net: the other 159; odd counts, so that with 2 ranks a module of each group straddles the partition boundary). Each rank prints, per optimizer, its trained
@@ -11,6 +13,7 @@ elements it keeps as whole copies of tensors split between ranks; rank 0 prints 
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -44,12 +47,46 @@ def groups(model: LoraSet) -> list[dict]:
     return out
 
 
-def main() -> None:
-    import deepspeed
+def fsdp2_rows(name: str) -> torch.Tensor:
+    """(elements, state bytes, 0) of this rank under FSDP2: every tensor sharded along dim 0 by ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
 
+    model = LoraSet()
+    fully_shard(model)
+    if name == "torch.AdamW":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        opt = sd_hina_plugin.create_optimizer(name, groups(model), lr=1e-4)
+    for _ in range(2):
+        model(torch.randn(2, 768)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    local = [p.to_local() for p in model.parameters()]
+    if name == "torch.AdamW":
+        nbytes = sum(v.to_local().numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                     if isinstance(v, torch.Tensor) and v.dim())
+    else:
+        nbytes = opt.state_bytes()
+    return torch.tensor([sum(t.numel() for t in local), nbytes, 0], dtype=torch.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=("zero2", "fsdp2"), default="zero2")
+    engine_name = parser.parse_args().engine
     torch.set_num_threads(1)
+    if engine_name == "fsdp2":
+        dist.init_process_group("gloo")
     rows = []
-    for name in NAMES:
+    for name in (["torch.AdamW"] + NAMES if engine_name == "fsdp2" else NAMES):
+        if engine_name == "fsdp2":
+            row = fsdp2_rows(name)
+            every = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, row)
+            rows.append((name, every))
+            continue
+        import deepspeed
+
         model = LoraSet()
         opt = sd_hina_plugin.create_optimizer(name, groups(model), lr=1e-4)
         config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * int(os.environ.get("WORLD_SIZE", "1")),
