@@ -358,7 +358,7 @@ class LrMask(Technique):
     def record_mean(ctx, count: torch.Tensor | None = None, delta: float = 0.0, fixed: float = 1.0) -> None:
         """The mask's mean over the pack's elements (``1 + delta * mean(count)``, or ``fixed``), for hina/avg_lr:
         a 0-d device tensor, read only when stats() are."""
-        real = sum(p.numel() for p in ctx.pack.params)  # padding of 8-bit packs excluded
+        real = sum(b.full_numel * b.count for b in ctx.pack.buckets)  # whole tensors; padding of 8-bit packs excluded
         if count is None:
             mean = torch.full((), fixed, dtype=torch.float32, device=ctx.pack.device)
         else:
