@@ -1,0 +1,383 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters) on 2 CPU processes (gloo) against one process
+(marker ``distributed``; issue 28).
+
+Every registered optimizer with its defaults, its all-8-bit form and every preset in configs/ (the conformance
+suite's variants, tests/support.py), in fp32, plus each optimizer's defaults in bf16, and torch's own AdamW as the
+control that shows the harness itself is right. The worker (fsdp_worker.py) runs all variants of one launch in a
+loop, since each torchrun launch costs seconds. Launches, each once per module and only when a selected test needs it:
+
+* one process, the reference (it also saves a DCP checkpoint before step 3);
+* ``shard-first``: ``fully_shard`` on the LoRA modules and the root, then the optimizer on the DTensor parameters;
+  this launch also saves a DCP checkpoint before step 3 and counts collectives for a model with more tensors;
+* ``accelerate``: the optimizer on the plain parameters, then accelerate's own FSDP2 ``prepare`` (which swaps the
+  groups' parameters for the sharded ones); it also saves a checkpoint before step 3;
+* resume: both orders' checkpoints loaded into fresh models and optimizers in one launch, steps 3..5 (accelerate's
+  order without the presets);
+* one process loading the shard-first checkpoint (2 -> 1) and its own (1 -> 1: the same DCP path without sharding,
+  which tells a sharding fault from a DCP one).
+
+accelerate (1.16) drops its FSDP plugin on CPU: ``AcceleratorState`` sets ``DistributedType.FSDP`` only for
+accelerator devices, so ``Accelerator(cpu=True, fsdp_plugin=...)`` is MULTI_CPU and ``prepare`` wraps the model in
+DDP (without ``cpu=True`` it is DistributedType.NO, no process group at all). The worker sets the fields accelerate
+sets on a GPU and then calls the real ``Accelerator.prepare`` (see ``fsdp_worker.accelerator``).
+
+Our optimizers' cases are expected failures until the engine's FSDP2 support is finished: flip
+``HINA_FSDP2_READY``. Until then they run all the same and show up as XPASS once they pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+
+#: the one switch: False marks every case of our optimizers as an expected failure (they still run; a passing one
+#: is reported XPASS); torch's AdamW, the control, is never marked
+HINA_FSDP2_READY = False
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+STEPS, SAVE_AT = 6, 3
+ORDERS = ("shard-first", "accelerate")
+CONTROL = "torch.AdamW"
+TIMEOUT_S = 20  # a collective waiting longer: the ranks took different paths (a deadlock)
+MAX_LAUNCHES = 3  # per fixture: the first, and again for what a deadlock left not run
+
+# -- tolerances ---------------------------------------------------------------------------------------------
+# Measured with ``fsdp_worker.py --single --split 2`` (one process, the gradient summed from the two halves of the
+# batch, as FSDP2's reduce-scatter does): rounding alone moves every fp32 variant by at most 2e-7 of a tensor's
+# largest value after 6 steps. The sharded runs must stay within:
+FP32_REL = 1e-6  # fp32, per tensor: max |sharded - single| <= FP32_REL * max |single|
+#: 8-bit state (min_8bit_size=0): a shard's 256-element blocks are not the whole tensor's blocks, so the quantisation
+#: differs; per tensor the difference may be QUANT_FACTOR times what 8-bit state changes in one process (the same
+#: optimizer's "-defaults" variant, whose tensors are all below min_8bit_size and so keep 32-bit state)
+QUANT_FACTOR = 4.0
+#: bf16 parameters: stochastic rounding (our default for bf16) draws other random numbers on a shard, and bf16 Adam
+#: steps are a few ulps, so results differ by a few ulps wherever the stream differs (torch's AdamW, round to
+#: nearest: at most 1 ulp of a tensor's largest value). Per tensor: max |diff| <= max(BF16_ULPS ulps of max |single|,
+#: BF16_CHANGE * the largest change of the single run). This catches gross errors only.
+BF16_ULPS, BF16_CHANGE = 4, 0.5
+LOSS_REL = {"fp32": 1e-5, "bf16": 2e-2}  # per step, against the single run's loss
+
+
+def _variants() -> list[dict]:
+    sys.path.insert(0, str(WORKER.parent.parent))
+    try:
+        from support import param_dtype, variants
+    finally:
+        sys.path.remove(str(WORKER.parent.parent))
+    from sd_hina_plugin import registry
+
+    out = [{"id": CONTROL, "name": CONTROL, "kwargs": {}, "dtype": "fp32"},
+           {"id": f"{CONTROL}-bf16", "name": CONTROL, "kwargs": {}, "dtype": "bf16"}]
+    for vid, name, kwargs, _ in variants():
+        dtype = "fp32" if param_dtype(name) == torch.float32 else "bf16"
+        preset = not (vid.endswith("-defaults") or vid.endswith("-all8bit"))
+        out.append({"id": vid, "name": name, "kwargs": kwargs, "dtype": dtype, "preset": preset})
+    for spec in registry.specs():
+        if param_dtype(spec.name) == torch.float32 and param_dtype(spec.name, torch.bfloat16) == torch.bfloat16:
+            out.append({"id": f"{spec.name}-defaults-bf16", "name": spec.name, "kwargs": {}, "dtype": "bf16"})
+    return out
+
+
+VARIANTS = _variants()
+BY_ID = {v["id"]: v for v in VARIANTS}
+IDS = list(BY_ID)
+#: the defaults again with 3 more LoRA modules beside te.fc1 (more tensors, the same packs and shapes), to see that
+#: the collectives of a step do not grow with the number of tensors
+MORE = [{**v, "id": f"{v['id']}-more", "extra": 3} for v in VARIANTS
+        if v["id"] == CONTROL or (v["id"].endswith("-defaults") and v["dtype"] == "fp32")]
+#: resumed through DCP: every variant in the shard-first order; in accelerate's, all but the presets (what accelerate
+#: adds is the swap of the groups' parameters, the same for every preset of an optimizer; this saves launch time)
+RESUMED = [(order, v["id"]) for order in ORDERS for v in VARIANTS if order == "shard-first" or not v.get("preset")]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(WORKER.parent), str(WORKER.parent.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, tag: str, variants: list[dict], *args: str, ranks: int = 2) -> tuple[dict, dict]:
+    """Run the worker over ``variants`` (torchrun with ``ranks`` processes, or one process with ``ranks=0``); a
+    deadlock ends a launch early, and what it left is launched again, at most MAX_LAUNCHES times in all."""
+    results, meta, todo = {}, {}, list(variants)
+    for attempt in range(MAX_LAUNCHES):
+        spec, out = tmp / f"{tag}.{attempt}.json", tmp / f"{tag}.{attempt}.pt"
+        spec.write_text(json.dumps(todo))
+        if ranks:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                   str(free_port()), str(WORKER), "--timeout", str(TIMEOUT_S)]
+        else:
+            cmd = [sys.executable, str(WORKER), "--single"]
+        done = subprocess.run(cmd + ["--variants", str(spec), "--out", str(out), "--steps", str(STEPS), *args],
+                              env=_env(), cwd=tmp, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results.update(torch.load(out))
+        meta.update(json.loads(Path(str(out) + ".json").read_text()))
+        todo = [v for v in todo if meta[v["id"]].get("not_run")]
+        if not todo:
+            break
+    return results, meta
+
+
+class Runs:
+    """The launches, each made once, when a test first needs it."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.cache = tmp, {}
+
+    def _get(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def single(self):
+        return self._get("single", lambda: _launch(self.tmp, "single", VARIANTS, "--save", str(self.tmp / "ckpt" / "single"),
+                                                   "--save-at", str(SAVE_AT), ranks=0))
+
+    def order(self, order: str):
+        def make():  # collectives are counted in the shard-first launch only (counting costs time)
+            extra = (MORE, ()) if order == "shard-first" else ([], ("--no-count",))
+            return _launch(self.tmp, order, VARIANTS + extra[0], "--order", order, "--save",
+                           str(self.tmp / "ckpt" / order), "--save-at", str(SAVE_AT), *extra[1])
+        return self._get(order, make)
+
+    def resumed(self):
+        def make():
+            for order in ORDERS:
+                self.order(order)  # their checkpoints
+            todo = [{**BY_ID[vid], "id": f"{order}:{vid}", "order": order, "checkpoint": f"{order}/{vid}"}
+                    for order, vid in RESUMED]
+            return _launch(self.tmp, "resumed", todo, "--load", str(self.tmp / "ckpt"), "--resume-from", str(SAVE_AT),
+                           "--no-count")
+        return self._get("resumed", make)
+
+    def one_process_loads(self):
+        """One process loads the shard-first checkpoints ("2->1:" ids) and its own ("1->1:" ids)."""
+        def make():
+            self.single()
+            self.order("shard-first")
+            todo = [{**v, "id": f"{source}:{v['id']}", "checkpoint": f"{folder}/{v['id']}"}
+                    for source, folder in (("2->1", "shard-first"), ("1->1", "single")) for v in VARIANTS]
+            return _launch(self.tmp, "one_process_loads", todo, "--load", str(self.tmp / "ckpt"), "--resume-from",
+                           str(SAVE_AT), ranks=0)
+        return self._get("one_process_loads", make)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("fsdp2"))
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+def _expect(request, vid: str) -> None:
+    """Our optimizers' cases are expected failures while HINA_FSDP2_READY is False (not strict: a pass shows)."""
+    if BY_ID[vid]["name"] != CONTROL and not HINA_FSDP2_READY:
+        request.applymarker(pytest.mark.xfail(reason="FSDP2 support in the engine is not finished "
+                                                     "(HINA_FSDP2_READY = False)", strict=False))
+
+
+def _line(error: str) -> str:
+    """An error in one line: its first line, and its last when that differs (DCP wraps rank tracebacks)."""
+    lines = [s.strip() for s in error.strip().splitlines() if s.strip()]
+    return lines[0] if len(lines) < 2 or lines[-1] == lines[0] else f"{lines[0]} ... {lines[-1]}"
+
+
+def _ok(meta: dict, vid: str, what: str) -> None:
+    assert "error" not in meta[vid], f"{vid} ({what}): {_line(meta[vid]['error'])}"
+
+
+def _start(dtype: str) -> dict[str, torch.Tensor]:
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        from fsdp_worker import Net
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    model = Net().to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _ulp_bf16(x: float) -> float:
+    return 2.0 ** (math.floor(math.log2(max(abs(x), 2.0 ** -126))) - 7)
+
+
+def _allowed(vid: str, single: dict) -> dict[str, float]:
+    """Per tensor: the largest |sharded - single| the tolerance table allows for variant ``vid``."""
+    v, ref = BY_ID[vid], single[vid]
+    if v["dtype"] == "bf16":
+        start = _start("bf16")
+        return {n: max(BF16_ULPS * _ulp_bf16(float(t.abs().max())), BF16_CHANGE * float((t - start[n]).abs().max()))
+                for n, t in ref.items()}
+    allowed = {n: FP32_REL * float(t.abs().max()) for n, t in ref.items()}
+    if v["kwargs"].get("min_8bit_size") == 0:
+        wide = single[f"{v['name']}-defaults"]
+        for n, t in ref.items():
+            allowed[n] += QUANT_FACTOR * float((t - wide[n]).abs().max())
+    return allowed
+
+
+def _over(vid: str, got: dict, single: dict) -> dict[str, str]:
+    """Tensors outside the tolerance: name -> 'difference > allowed'."""
+    allowed = _allowed(vid, single)
+    out = {}
+    for n, t in single[vid].items():
+        diff = float((got[n] - t).abs().max())
+        if not diff <= allowed[n]:
+            out[n] = f"{diff:.3g} > {allowed[n]:.3g}"
+    return out
+
+
+# -- tests ----------------------------------------------------------------------------------------------------
+
+def test_control_trains_every_tensor_and_steps_without_collectives(runs):
+    """The harness itself: torch's AdamW moves every trained tensor in one process, ends where one process ends in
+    both orders, and its step issues no collective (they all happen in FSDP2's forward and backward)."""
+    single, _ = runs.single()
+    start = _start("fp32")
+    assert all(float((single[CONTROL][n] - start[n]).abs().max()) > 0 for n in start)
+    for order in ORDERS:
+        results, meta = runs.order(order)
+        _ok(meta, CONTROL, order)
+        assert not _over(CONTROL, results[CONTROL], single), order
+    counted = runs.order("shard-first")[1][CONTROL]["collectives"]
+    assert len(counted) == 2 and all(len(rank) == STEPS and not any(rank) for rank in counted), counted
+
+
+@pytest.mark.parametrize("vid", IDS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_sharded_run_equals_one_process(order, vid, runs, request):
+    _expect(request, vid)
+    single, single_meta = runs.single()
+    _ok(single_meta, vid, "one process")
+    results, meta = runs.order(order)
+    _ok(meta, vid, order)
+    over = _over(vid, results[vid], single)
+    assert not over, f"{vid} ({order}) differs from one process: {over}"
+    v, rel = BY_ID[vid], LOSS_REL[BY_ID[vid]["dtype"]]
+    wide = single_meta[f"{v['name']}-defaults"]["losses"] if v["kwargs"].get("min_8bit_size") == 0 else None
+    for step, (a, b) in enumerate(zip(meta[vid]["losses"], single_meta[vid]["losses"])):
+        allowed = rel * abs(b) + (QUANT_FACTOR * abs(b - wide[step]) if wide else 0.0)
+        assert abs(a - b) <= allowed, f"{vid} ({order}) loss at step {step}: {a} vs {b} (allowed {allowed:.3g})"
+
+
+@pytest.mark.parametrize("order,vid", RESUMED)
+def test_dcp_resume_is_exact(order, vid, runs, request):
+    """Saved through DCP before step 3, loaded into a fresh model and optimizer, steps 3..5: bit for bit the run
+    that saved and went on."""
+    _expect(request, vid)
+    whole, meta = runs.order(order)
+    _ok(meta, vid, order)
+    resumed, resumed_meta = runs.resumed()
+    key = f"{order}:{vid}"
+    _ok(resumed_meta, key, f"{order}, resumed")
+    differ = {n: f"{float((t - resumed[key][n]).abs().max() / t.abs().max()):.2g}"
+              for n, t in whole[vid].items() if not torch.equal(t, resumed[key][n])}
+    assert not differ, f"{vid} ({order}): resumed differs (max |diff| / max |value|): {differ}"
+    assert resumed_meta[key]["losses"] == meta[vid]["losses"][SAVE_AT:]
+
+
+@pytest.mark.parametrize("vid", IDS)
+def test_checkpoint_of_two_ranks_loads_in_one_process(vid, runs, request):
+    """The shard-first checkpoint (2 ranks, DTensor state) loaded by one process trains on to where the sharded run
+    ends, within the tolerance against one process."""
+    _expect(request, vid)
+    single, _ = runs.single()
+    whole, meta = runs.order("shard-first")
+    _ok(meta, vid, "shard-first")
+    one, one_meta = runs.one_process_loads()
+    key = f"2->1:{vid}"
+    _ok(one_meta, key, "2 -> 1")
+    over = _over(vid, one[key], single)
+    assert not over, f"{vid}: loaded in one process, differs from one process: {over}"
+
+
+@pytest.mark.parametrize("vid", IDS)
+def test_dcp_resume_in_one_process_is_exact(vid, runs, request):
+    """The same save and load through DCP without sharding (tells a sharding fault from a DCP one)."""
+    _expect(request, vid)
+    single, meta = runs.single()
+    _ok(meta, vid, "one process")
+    one, one_meta = runs.one_process_loads()
+    key = f"1->1:{vid}"
+    _ok(one_meta, key, "1 -> 1")
+    differ = {n: f"{float((t - one[key][n]).abs().max() / t.abs().max()):.2g}"
+              for n, t in single[vid].items() if not torch.equal(t, one[key][n])}
+    assert not differ, f"{vid}: resumed in one process differs (max |diff| / max |value|): {differ}"
+
+
+@pytest.mark.parametrize("vid", IDS)
+@pytest.mark.parametrize("order", ORDERS)
+def test_state_is_sharded(order, vid, runs, request):
+    """No rank holds more optimizer state than 3/4 of one process' (the ranks' shards are uneven here: rank 0 holds
+    the 1-row tensor whole). Not for 8-bit state: on tensors this small each shard's padding to whole 256-element
+    blocks outweighs what it saves."""
+    _expect(request, vid)
+    if BY_ID[vid]["kwargs"].get("min_8bit_size") == 0:
+        pytest.skip("8-bit state on tensors this small: padding to whole blocks dominates")
+    _, single_meta = runs.single()
+    _, meta = runs.order(order)
+    _ok(meta, vid, order)
+    one = single_meta[vid]["state_bytes"][0]
+    assert max(meta[vid]["state_bytes"]) <= 0.75 * one, (vid, order, meta[vid]["state_bytes"], one)
+
+
+@pytest.mark.parametrize("vid", [v["id"] for v in MORE])
+def test_collectives_per_step_do_not_grow_with_tensors(vid, runs, request):
+    """3 more LoRA modules (6 more tensors, the same shapes and packs): every step issues as many collectives as
+    before, on every rank (batched per pack, not per tensor)."""
+    base = vid[: -len("-more")]
+    _expect(request, base)
+    results, meta = runs.order("shard-first")
+    _ok(meta, base, "shard-first")
+    _ok(meta, vid, "shard-first, more tensors")
+    counts = [[sum(step.values()) for step in rank] for rank in meta[base]["collectives"]]
+    more = [[sum(step.values()) for step in rank] for rank in meta[vid]["collectives"]]
+    assert counts[0] == counts[1], f"{base}: ranks issue different numbers of collectives: {counts}"
+    assert more == counts, f"{base}: collectives per step {counts[0]}, with 6 more tensors {more[0]}"
+
+
+def test_report(runs, capsys):
+    """Per variant and order: collectives per step and optimizer state per rank against one process. With
+    FSDP2_REPORT=path the table is printed and written to path as JSON (for the docs)."""
+    _, single_meta = runs.single()
+    rows = {}
+    for order in ORDERS:
+        _, meta = runs.order(order)
+        for vid in IDS:
+            m = meta.get(vid, {})
+            row = {"error": _line(m["error"])} if "error" in m else {
+                "collectives_per_step": [sum(s.values()) for s in m["collectives"][0]],  # shard-first only
+                "by_op_last_step": m["collectives"][0][-1] if m["collectives"][0] else {},
+                "state_bytes_per_rank": m["state_bytes"],
+                "state_bytes_one_process": single_meta.get(vid, {}).get("state_bytes", [None])[0],
+                "param_bytes_per_rank": m["param_bytes"]}
+            rows[f"{order}:{vid}"] = row
+    assert rows[f"shard-first:{CONTROL}"]["state_bytes_per_rank"]
+    if not os.environ.get("FSDP2_REPORT"):
+        return
+    Path(os.environ["FSDP2_REPORT"]).write_text(json.dumps(rows, indent=1))
+    with capsys.disabled():
+        print()
+        for key, row in rows.items():
+            if "error" in row:
+                print(f"{key:75s} ERROR {row['error'][:150]}")
+            else:
+                print(f"{key:75s} collectives/step {row['collectives_per_step']} state/rank "
+                      f"{row['state_bytes_per_rank']} (one process {row['state_bytes_one_process']})")
