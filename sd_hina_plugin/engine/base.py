@@ -521,6 +521,8 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
             if pack.quantized and slot.quantizable and not slot.per_tensor and slot.layout == "elem":
                 out = None if pack.device.type == "cpu" else self._scratch(f"deq.{slot.name}", pack)
                 states[slot.name] = quant8.dequantize(pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed, out=out)
+                if pack.pad_index is not None:  # (the code nearest 0 need not read back as 0)
+                    states[slot.name].index_fill_(0, pack.pad_index, 0.0)
                 quantized.append(slot)
             elif slot.dtype == "bf16" and not slot.per_tensor and slot.layout == "elem" and slot.init != "param":
                 # read into fp32 on first use; written back only if a technique touched it
@@ -555,6 +557,8 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
         self._count_nonfinite(ctx)
         ctx.commit()
         for slot in quantized:
+            if pack.pad_index is not None:  # padding holds 0, so each tensor's blocks are its own whatever ran before
+                states[slot.name].index_fill_(0, pack.pad_index, 0.0)
             quant8.quantize_(states[slot.name], pack.storage[f"{slot.name}.q"], pack.storage[f"{slot.name}.absmax"], slot.signed)
         for slot in widened:
             if slot.name in ctx.dirty:

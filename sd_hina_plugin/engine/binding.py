@@ -142,6 +142,11 @@ class Binding:
         entry = self._aliases.get(id(p))
         return entry[1] if entry is not None and entry[0]() is p else None
 
+    def as_member(self, p: torch.Tensor) -> torch.Tensor:
+        """The member standing for ``p`` if it is a sharded parameter, else ``p``."""
+        member = self.member_for(p)
+        return p if member is None else member
+
     def gather(self, group: dict[str, Any]) -> None:
         """Before ``group`` steps: the whole values and gradients of its replicas (a collective: every rank steps
         the same groups in the same order under the engines that make replicas); sharded members re-pointed if

@@ -60,7 +60,6 @@ class Checkpointing:
                            "params": [index[id(p)] for p in group["params"]]})
         state: dict[int, dict[str, Any]] = {}
         kinds = {id(m): pack.kinds for pack in self._all_planned() for m in pack.params}
-        mesh_param = None
         for p, entry in self.state.items():
             real = dict(entry)  # a plain dict: no derived keys, no back-reference
             fragment, shard = self._binding.fragment(p), self._binding.shard(p)
@@ -72,7 +71,6 @@ class Checkpointing:
                     state[index[id(shard.param)]] = {
                         k: sharding.wrap_state(shard, v, known.get(k, "elem")) if isinstance(v, torch.Tensor) else v
                         for k, v in real.items()}
-                    mesh_param = mesh_param or (shard if shard.mesh is not None else None)
             elif fragment is None:
                 if id(p) in index:  # (state of a tensor no group holds any more stays out, where torch would fail)
                     state[index[id(p)]] = real
@@ -83,9 +81,14 @@ class Checkpointing:
             result = hook(self, sd)
             if result is not None:
                 sd = result
-        rng = {dev: gen.get_state() for dev, gen in self._generators.items()}
-        if mesh_param is not None:  # each rank's random stream (stochastic rounding of its shards)
-            rng = {dev: sharding.per_rank(mesh_param, value) for dev, value in rng.items()}
+        # each rank's random stream (stochastic rounding) under its own key: torch.distributed.checkpoint keeps one copy
+        # of what every rank saves under the same key, and a checkpoint of 2 ranks then loads in one process (rank 0's)
+        rank = _rank()
+        # every device's generator, made now if no step has drawn from it yet (it starts from the fixed seed either
+        # way): a checkpoint loader that takes the keys to load from a fresh optimizer's state dict (DCP) finds them
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            self._generator(device)
+        rng = {f"{dev}@rank{rank}": gen.get_state() for dev, gen in self._generators.items()}
         sd[HINA] = {"format": FORMAT_VERSION, "optimizer": self.NAME, "rng": rng}
         sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
         return self._repeat_meta(sd)
@@ -102,10 +105,7 @@ class Checkpointing:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        meta = state_dict.get(HINA) if isinstance(state_dict, dict) else None
-        if meta is None and isinstance(state_dict, dict) and state_dict.get("param_groups"):
-            meta = state_dict["param_groups"][0].get(HINA)  # through torch.distributed.checkpoint's state_dict helpers
-            state_dict = {**state_dict, HINA: meta}
+        meta = self.saved_meta(state_dict)
         if not isinstance(meta, dict) or meta.get("optimizer") != self.NAME:
             found = meta.get("optimizer") if isinstance(meta, dict) else "an optimizer outside sd_hina_plugin"
             raise ValueError(f"{self.NAME}.load_state_dict: this state dict was saved by {found}, not by {self.NAME}")
@@ -127,7 +127,10 @@ class Checkpointing:
             for key, value in saved.items():
                 if key not in ("params", "param_names", HINA):
                     group[key] = value
-        self._init_state()
+        if state_dict["state"] or self._binding.any_planned:
+            # (a state dict without state, e.g. accelerate's round trip through state_dict() before it shards the
+            # parameters, allocates nothing: state made for tensors about to be replaced would outlive them)
+            self._init_state()
         for sid, saved_state in state_dict["state"].items():
             if sid not in id_map:
                 raise ValueError(f"{self.NAME}.load_state_dict: state for unknown parameter index {sid!r}")
@@ -150,11 +153,29 @@ class Checkpointing:
                     self._load_entry(members[key], f"{key} of partition {sid}", entry)
             else:
                 self._load_entry(p, sid, saved_state)
-        for dev, rng in meta.get("rng", {}).items():
+        # this rank's stream where the checkpoint has one (FSDP2: each rank's own), else rank 0's (a checkpoint saved by
+        # the main process only, loaded by every rank of DDP, whose ranks must keep drawing the same numbers)
+        rank, streams = _rank(), {}
+        for key, rng in meta.get("rng", {}).items():
+            dev, _, owner = key.partition("@rank")
+            if not owner or int(owner) == rank or (int(owner) == 0 and dev not in streams):
+                streams[dev] = rng
+        for dev, rng in streams.items():
             if torch.device(dev).type == "cpu" or torch.cuda.is_available():
-                self._generator(torch.device(dev)).set_state(sharding.from_per_rank(rng).cpu())
+                self._generator(torch.device(dev)).set_state(rng.cpu())
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    @staticmethod
+    def saved_meta(state_dict: Any) -> dict[str, Any] | None:
+        """The ``"hina"`` entry of a state dict: at the top, or (through torch.distributed.checkpoint's state_dict
+        helpers, which keep only "state" and "param_groups") in the first param group."""
+        if not isinstance(state_dict, dict):
+            return None
+        meta = state_dict.get(HINA)
+        if meta is None and state_dict.get("param_groups"):
+            meta = state_dict["param_groups"][0].get(HINA)
+        return meta
 
     def _load_entry(self, p: torch.Tensor, sid: Any, saved_state: dict[str, Any]) -> None:
         """Copy one tensor's saved state into its already allocated state (dtypes kept)."""
@@ -171,3 +192,9 @@ class Checkpointing:
                 ours[key].copy_(value)
             else:
                 ours[key] = value
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

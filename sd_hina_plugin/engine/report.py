@@ -46,7 +46,9 @@ class Reporting:
         return out
 
     def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any] | None:
-        """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet."""
+        """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet. A
+        sharded parameter (FSDP2) answers for its local shard."""
+        p = self._binding.as_member(p)
         group = self._binding.group_of(p)
         if group is None or not any(g is group for g in self.param_groups):
             return None
@@ -59,7 +61,7 @@ class Reporting:
         """The per-element lr multiplier of parameter ``p`` (fp32, relative to its group's lr; the effective lr is
         ``group["lr"] * lr_mask(p)``), or None if the optimizer has no lr mask or ``p`` no state yet."""
         found = self._mask_technique(p)
-        return found[1].mask_of(self, found[0], p) if found else None
+        return found[1].mask_of(self, found[0], self._binding.as_member(p)) if found else None
 
     def lr_in_lr_units(self, p: torch.Tensor) -> torch.Tensor | None:
         """The per-element lr of ``p`` (``group["lr"] * lr_mask(p)``, a new fp32 tensor shaped like ``p``), or None
@@ -68,7 +70,7 @@ class Reporting:
         if not found:
             return None
         group, tech = found
-        return tech.mask_of(self, group, p) * float(group["lr"])
+        return tech.mask_of(self, group, self._binding.as_member(p)) * float(group["lr"])
 
     def group_name(self, index: int) -> str:
         return str(self.param_groups[index].get("hina_desc") or f"group{index}")

@@ -164,11 +164,6 @@ def per_rank(shard: Shard, value: torch.Tensor, width: int | None = None) -> tor
                               shape=torch.Size((shard.mesh.size, width)), stride=(width, 1))
 
 
-def from_per_rank(value: torch.Tensor) -> torch.Tensor:
-    """This rank's value of a :func:`per_rank` DTensor (a plain tensor: itself)."""
-    return value.to_local()[0] if is_dtensor(value) else value
-
-
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride, out = 1, []
     for n in reversed(shape):

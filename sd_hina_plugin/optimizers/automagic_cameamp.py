@@ -136,7 +136,7 @@ class _COptimMixin:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # type: ignore[misc]
-        self.c_optim.load_state_dict(state_dict.get("hina", {}).get("context"))
+        self.c_optim.load_state_dict((self.saved_meta(state_dict) or {}).get("context"))
 
 
 _SUMMARY = ("CAME (factored v and confidence, ADOPT order), AGR, TAM then consistency momentum, Grams blend, OrthoGrad early, "
