@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ablate", action="append", help="NAME[:k=v,...]: that configuration and one copy per technique or phase "
                        "switched (each use_* flipped, warmup_steps=0, a fixed lr mask, weight_decay=0); repeatable")
     bench.add_argument("--lr-multipliers", default="0.3333,1,3,9", help="lr sweep around each task's base lr (default: 1/3x to 9x)")
-    bench.add_argument("--quick", action="store_true", help="60 steps, 1 seed, no sweep: under 3 minutes on 2 cores")
+    bench.add_argument("--quick", action="store_true",
+                       help="60 steps, 1 seed, no sweep: 3-4 minutes on 2 cores (encoder-lora pretrains its model first)")
     bench.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for small kernels on 2 cores)")
     bench.add_argument("--out", help="results directory (default bench_results/<time>)")
     bench.set_defaults(func=_cmd_bench)

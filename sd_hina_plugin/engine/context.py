@@ -151,21 +151,41 @@ class StepContext:
         parts = [reduce(b) for b in self.pack.buckets]
         return join(parts)
 
+    def tensor_reductions(self, *terms: tuple) -> list[torch.Tensor]:
+        """Several per-tensor reductions of flat buffers at once, each ``(n_params,)`` in pack order: a term is
+        ``("sum", x)``, ``("dot", x, y)`` or ``("norm", x)``. For sharded tensors, one collective for all of them."""
+        sharded = self.pack.mesh is not None
+        parts = []
+        for kind, x, *rest in terms:
+            if kind == "sum":
+                parts.append(self._per_tensor(lambda b: b.rows(x).sum(1)))
+            elif kind == "dot":
+                # a batched (1 x n) @ (n x 1) product, the second operand a transposed view: BLAS' fast path (2.5x a
+                # multiply-then-sum and 6x a contiguous (k, n, 1) operand on CPU), no temporary
+                y = rest[0]
+                parts.append(self._per_tensor(
+                    lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1)))
+            elif kind == "norm":  # (sharded: the squares summed across ranks, the root after)
+                parts.append(self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1)))
+                if sharded:
+                    parts[-1] = parts[-1].square_()
+            else:
+                raise ValueError(f"unknown reduction {kind!r}")
+        if sharded:
+            parts = self.pack.sum_all_(parts)
+            parts = [p.sqrt_() if term[0] == "norm" else p for p, term in zip(parts, terms)]
+        return parts
+
     def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""
-        return self.pack.sum_(self._per_tensor(lambda b: b.rows(x).sum(1)))
+        return self.tensor_reductions(("sum", x))[0]
 
     def tensor_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products of flat ``x`` and ``y``."""
-        # a batched (1 x n) @ (n x 1) product, the second operand a transposed view: BLAS' fast path (2.5x a
-        # multiply-then-sum and 6x a contiguous (k, n, 1) operand on CPU), no temporary
-        return self.pack.sum_(self._per_tensor(
-            lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1)))
+        return self.tensor_reductions(("dot", x, y))[0]
 
     def tensor_norm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack.mesh is None:
-            return self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1))
-        return self.pack.sum_(self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1).square_())).sqrt_()
+        return self.tensor_reductions(("norm", x))[0]
 
     def param_norms(self) -> torch.Tensor:
         """Per-tensor norms of the parameters themselves (fp32)."""

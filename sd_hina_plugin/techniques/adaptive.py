@@ -180,12 +180,12 @@ class AdaptiveImportance(Technique):
     def run(self, ctx) -> None:
         decay = ctx.hp["importance_decay"]
         m, v, g = ctx.state("exp_avg"), ctx.state("exp_avg_sq"), ctx.g
-        m_norm, g_norm = ctx.tensor_norm(m), ctx.tensor_norm(g)
+        m_norm, g_norm, dot, u_norm, v_sum = ctx.tensor_reductions(("norm", m), ("norm", g), ("dot", m, g), ("norm", ctx.u), ("sum", v))
         norms = m_norm * g_norm
-        consistency = torch.where(norms > 0, ctx.tensor_dot(m, g) / norms.clamp_min(1e-30), torch.zeros_like(norms))
+        consistency = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(norms))
         weights = ctx.param_norms()
-        change = ctx.tensor_norm(ctx.u) * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
-        snr = m_norm / ctx.tensor_sum(v).clamp_min(0).sqrt().clamp_min(1e-30)
+        change = u_norm * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
+        snr = m_norm / v_sum.clamp_min(0).sqrt().clamp_min(1e-30)
         for key, value in zip(STATS, (consistency.add_(1).mul_(0.5), change, snr)):
             ctx.state(key).lerp_(value, 1.0 - decay)
         blended = ctx.opt.step_cache.get(self.name, {}).get(id(ctx.pack))

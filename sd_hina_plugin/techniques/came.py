@@ -259,8 +259,9 @@ class ElementAdaDecay(Technique):
         theta = ctx.params32()
         # mean and variance of |g| per tensor from its sum and sum of squares (torch.std_mean is ~50x slower on CPU)
         n = ctx.numels()
-        mean = ctx.tensor_sum(a).div_(n)
-        var = ctx.tensor_norm(a).square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
+        total, norm = ctx.tensor_reductions(("sum", a), ("norm", a))
+        mean = total.div_(n)
+        var = norm.square_().div_(n).sub_(mean.square()).clamp_min_(0.0)
         scale = 4.0 / (var.sqrt_() + eps3)  # 4 z = |g| * scale - mean * scale
         shift = mean.mul_(scale)
         if ctx.compiling:  # broadcast by Pack.spread: no in-place writes into slices

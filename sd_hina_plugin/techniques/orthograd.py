@@ -37,9 +37,9 @@ class OrthoGrad(Technique):
             return
         g = ctx.g
         w = ctx.params32()
-        wg, ww = ctx.tensor_dot(w, g), ctx.tensor_norm(w).square_()  # a norm reads w once: faster than a dot with itself
-        coef = torch.where(ctx.numels() > 1, wg / (ww + EPS), 0.0)
-        norm_before = ctx.tensor_norm(g)
+        # (a norm reads w once: faster than a dot with itself)
+        wg, ww, norm_before = ctx.tensor_reductions(("dot", w, g), ("norm", w), ("norm", g))
+        coef = torch.where(ctx.numels() > 1, wg / (ww.square_() + EPS), 0.0)
         ctx.tensor_axpy_(g, w, -coef)                     # g - coef w, one pass
         # the norm after is measured, not derived from the dots: when g is nearly parallel to w the derived
         # value cancels to ~0 while the computed g_perp keeps rounding noise, and the rescale would blow it up

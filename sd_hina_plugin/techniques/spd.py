@@ -52,8 +52,8 @@ class SelectiveProjectionDecay(Technique):
             dev = torch.sub(theta, anchor, out=ctx.temp(1))  # theta_{t-1} - theta_0
         else:
             dev = theta  # theta_0 = 0: the deviation is theta itself (read only)
-        c = -ctx.tensor_dot(ctx.g, dev)
-        norm_old = ctx.tensor_norm(dev)
+        c, norm_old = ctx.tensor_reductions(("dot", ctx.g, dev), ("norm", dev))
+        c = c.neg_()
         u = ctx.u
         if ctx.lr_scale is not None:
             u.mul_(ctx.lr_scale)

@@ -40,8 +40,9 @@ class TorqueAwareMomentum(Technique):
 
 def torque_weights(ctx, m: torch.Tensor, x: torch.Tensor, gamma: float) -> torch.Tensor:
     """TAM's per-tensor weight ``d = (1 + s_hat) / 2`` of the momentum input ``x`` (updates ``tam.s``/``tam.w``)."""
-    norms = ctx.tensor_norm(m) * ctx.tensor_norm(x)
-    cos = torch.where(norms > 0, ctx.tensor_dot(m, x) / norms.clamp_min(1e-30), torch.ones_like(norms))
+    m_norm, x_norm, dot = ctx.tensor_reductions(("norm", m), ("norm", x), ("dot", m, x))
+    norms = m_norm * x_norm
+    cos = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.ones_like(norms))
     s, w = ctx.state("tam.s"), ctx.state("tam.w")
     s.lerp_(cos, 1.0 - gamma)
     w.mul_(gamma).add_(1.0 - gamma)

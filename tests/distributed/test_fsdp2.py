@@ -20,9 +20,6 @@ accelerate (1.16) drops its FSDP plugin on CPU: ``AcceleratorState`` sets ``Dist
 accelerator devices, so ``Accelerator(cpu=True, fsdp_plugin=...)`` is MULTI_CPU and ``prepare`` wraps the model in
 DDP (without ``cpu=True`` it is DistributedType.NO, no process group at all). The worker sets the fields accelerate
 sets on a GPU and then calls the real ``Accelerator.prepare`` (see ``fsdp_worker.accelerator``).
-
-Our optimizers' cases are expected failures until the engine's FSDP2 support is finished: flip
-``HINA_FSDP2_READY``. Until then they run all the same and show up as XPASS once they pass.
 """
 
 from __future__ import annotations
@@ -39,10 +36,6 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.distributed
-
-#: the one switch: False marks every case of our optimizers as an expected failure (they still run; a passing one
-#: is reported XPASS); torch's AdamW, the control, is never marked
-HINA_FSDP2_READY = True
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 STEPS, SAVE_AT = 6, 3
@@ -197,13 +190,6 @@ def runs(tmp_path_factory):
 
 # -- helpers --------------------------------------------------------------------------------------------------
 
-def _expect(request, vid: str) -> None:
-    """Our optimizers' cases are expected failures while HINA_FSDP2_READY is False (not strict: a pass shows)."""
-    if BY_ID[vid]["name"] != CONTROL and not HINA_FSDP2_READY:
-        request.applymarker(pytest.mark.xfail(reason="FSDP2 support in the engine is not finished "
-                                                     "(HINA_FSDP2_READY = False)", strict=False))
-
-
 def _line(error: str) -> str:
     """An error in one line: its first line, and its last when that differs (DCP wraps rank tracebacks)."""
     lines = [s.strip() for s in error.strip().splitlines() if s.strip()]
@@ -282,8 +268,7 @@ def test_control_trains_every_tensor_and_steps_without_collectives(runs):
 
 @pytest.mark.parametrize("vid", IDS)
 @pytest.mark.parametrize("order", ORDERS)
-def test_sharded_run_equals_one_process(order, vid, runs, request):
-    _expect(request, vid)
+def test_sharded_run_equals_one_process(order, vid, runs):
     single, single_meta = runs.single()
     _ok(single_meta, vid, "one process")
     results, meta = runs.order(order)
@@ -298,10 +283,9 @@ def test_sharded_run_equals_one_process(order, vid, runs, request):
 
 
 @pytest.mark.parametrize("order,vid", RESUMED)
-def test_dcp_resume_is_exact(order, vid, runs, request):
+def test_dcp_resume_is_exact(order, vid, runs):
     """Saved through DCP before step 3, loaded into a fresh model and optimizer, steps 3..5: bit for bit the run
     that saved and went on."""
-    _expect(request, vid)
     whole, meta = runs.order(order)
     _ok(meta, vid, order)
     resumed, resumed_meta = runs.resumed()
@@ -314,10 +298,9 @@ def test_dcp_resume_is_exact(order, vid, runs, request):
 
 
 @pytest.mark.parametrize("vid", IDS)
-def test_checkpoint_of_two_ranks_loads_in_one_process(vid, runs, request):
+def test_checkpoint_of_two_ranks_loads_in_one_process(vid, runs):
     """The shard-first checkpoint (2 ranks, DTensor state) loaded by one process trains on to where the sharded run
     ends, within the tolerance against one process."""
-    _expect(request, vid)
     single, _ = runs.single()
     whole, meta = runs.order("shard-first")
     _ok(meta, vid, "shard-first")
@@ -335,9 +318,8 @@ def test_checkpoint_of_two_ranks_loads_in_one_process(vid, runs, request):
 
 
 @pytest.mark.parametrize("vid", IDS)
-def test_dcp_resume_in_one_process_is_exact(vid, runs, request):
+def test_dcp_resume_in_one_process_is_exact(vid, runs):
     """The same save and load through DCP without sharding (tells a sharding fault from a DCP one)."""
-    _expect(request, vid)
     single, meta = runs.single()
     _ok(meta, vid, "one process")
     one, one_meta = runs.one_process_loads()
@@ -350,11 +332,10 @@ def test_dcp_resume_in_one_process_is_exact(vid, runs, request):
 
 @pytest.mark.parametrize("vid", IDS)
 @pytest.mark.parametrize("order", ORDERS)
-def test_state_is_sharded(order, vid, runs, request):
+def test_state_is_sharded(order, vid, runs):
     """No rank holds more optimizer state than 3/4 of one process' (the ranks' shards are uneven here: rank 0 holds
     the 1-row tensor whole). Not for 8-bit state: on tensors this small each shard's padding to whole 256-element
     blocks outweighs what it saves."""
-    _expect(request, vid)
     if BY_ID[vid]["kwargs"].get("min_8bit_size") == 0:
         pytest.skip("8-bit state on tensors this small: padding to whole blocks dominates")
     _, single_meta = runs.single()
@@ -365,11 +346,10 @@ def test_state_is_sharded(order, vid, runs, request):
 
 
 @pytest.mark.parametrize("vid", [v["id"] for v in MORE])
-def test_collectives_per_step_do_not_grow_with_tensors(vid, runs, request):
+def test_collectives_per_step_do_not_grow_with_tensors(vid, runs):
     """3 more LoRA modules (6 more tensors, the same shapes and packs): every step issues as many collectives as
     before, on every rank (batched per pack, not per tensor)."""
     base = vid[: -len("-more")]
-    _expect(request, base)
     results, meta = runs.order("shard-first")
     _ok(meta, base, "shard-first")
     _ok(meta, vid, "shard-first, more tensors")
