@@ -96,11 +96,14 @@ def profiled_syncs(optimizer: torch.optim.Optimizer) -> int:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors, each distinct storage counted once (any optimizer)."""
+    """Bytes held by an optimizer's state tensors, each distinct storage counted once (any optimizer; a DTensor's
+    by this rank's local part, as torch's AdamW keeps its state under FSDP2)."""
     seen: dict[tuple[str, int], int] = {}
 
     def visit(value: Any) -> None:
         if isinstance(value, torch.Tensor):
+            if type(value).__name__ == "DTensor":
+                value = value.to_local()
             storage = value.untyped_storage()
             seen[(str(value.device), storage.data_ptr())] = storage.nbytes()
         elif isinstance(value, dict):

@@ -186,23 +186,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state on this rank: every state tensor's storage once (a DTensor by its local shard)."""
-    seen: dict[int, int] = {}
+    from sd_hina_plugin.diagnostics import state_bytes as measured
 
-    def visit(value) -> None:
-        if isinstance(value, torch.Tensor):
-            local = _local(value)
-            storage = local.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    for state in opt.state.values():
-        visit(state)
-    return sum(seen.values())
+    return measured(opt)
 
 
 def param_bytes(model: nn.Module) -> int:
