@@ -98,6 +98,9 @@ class Checkpointing:
         what a subclass adds to it after this (C-Optim's context) is there too."""
         if sd["param_groups"]:
             sd["param_groups"][0][HINA] = sd[HINA]
+            # and in the live first group: DCP's flattened form (flatten_optimizer_state_dict, torchtitan's setting)
+            # takes a group's entries from the optimizer's own param_groups when it loads
+            self.param_groups[0][HINA] = sd[HINA]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -153,18 +156,28 @@ class Checkpointing:
                     self._load_entry(members[key], f"{key} of partition {sid}", entry)
             else:
                 self._load_entry(p, sid, saved_state)
-        # this rank's stream where the checkpoint has one (FSDP2: each rank's own), else rank 0's (a checkpoint saved by
-        # the main process only, loaded by every rank of DDP, whose ranks must keep drawing the same numbers)
-        rank, streams = _rank(), {}
-        for key, rng in meta.get("rng", {}).items():
-            dev, _, owner = key.partition("@rank")
-            if not owner or int(owner) == rank or (int(owner) == 0 and dev not in streams):
-                streams[dev] = rng
-        for dev, rng in streams.items():
-            if torch.device(dev).type == "cpu" or torch.cuda.is_available():
-                self._generator(torch.device(dev)).set_state(rng.cpu())
+        self._load_streams(meta.get("rng", {}))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _load_streams(self, saved: dict[str, torch.Tensor]) -> None:
+        """The random generators' states: for each device this rank's parameters are on, the stream saved for this
+        rank on it where the checkpoint has one (FSDP2: each rank's own), else the one saved by rank 0 for a device
+        of the same type (a checkpoint saved by the main process only and loaded by every rank of DDP, whose ranks
+        must go on drawing the same numbers: rank r's GPU is cuda:r where rank 0's was cuda:0)."""
+        rank = _rank()
+        own, first = {}, {}
+        for key, rng in saved.items():
+            dev, _, owner = key.partition("@rank")
+            if not owner or int(owner) == rank:  # (no owner: a checkpoint of an earlier version, one stream per device)
+                own[dev] = rng
+            if not owner or int(owner) == 0:
+                first.setdefault(torch.device(dev).type, rng)
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        for device in devices | {torch.device(dev) for dev in own}:
+            rng = own.get(str(device), first.get(device.type))
+            if rng is not None and (device.type == "cpu" or torch.cuda.is_available()):
+                self._generator(device).set_state(rng.cpu())
 
     @staticmethod
     def saved_meta(state_dict: Any) -> dict[str, Any] | None:

@@ -110,7 +110,7 @@ class Naming:
             if seen is not None:
                 names[id(member)] = seen
                 self._names_seen.learn(origin, seen)
-        self._lora = LoraLayout.build(self._binding.all_members(), names, source)
+        self._lora = LoraLayout.build(self._binding.all_members(), names, source, self.full_shape)
         if self._lora.source != "shape rules":
             for name, p in self._lora.params.items():
                 self._names_seen.learn(p, name)

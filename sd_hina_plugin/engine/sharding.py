@@ -174,7 +174,8 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def unwrap_state(value: Any, target: torch.Tensor, kind: str, where: str) -> Any:
     """A loaded state value for ``target`` (this rank's local state): DTensors as their local part; per-rank
-    kinds cut back from their padding; a whole tensor (saved without sharding) cut to this rank's rows."""
+    kinds cut back from their padding. A plain tensor is taken as it is (state saved by one process does not load on
+    several ranks)."""
     if not isinstance(value, torch.Tensor):
         return value
     if is_dtensor(value):
@@ -241,6 +242,12 @@ class ShardAccess:
         shard = self._binding.shard(member)
         return tuple(member.shape) if shard is None else shard.shape
 
+    def layout_of(self, member: torch.Tensor) -> tuple:
+        """What tensors must share to be stacked and reduced together: the whole tensor's shape and the ranks it is
+        sharded over (None: held whole)."""
+        shard = self._binding.shard(member)
+        return (self.full_shape(member), None if shard is None or shard.mesh is None else id(shard.mesh))
+
     def whole(self, members: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole tensors of ``members`` (themselves unless sharded; see :func:`whole`)."""
         return whole(members, [self._binding.shard(m) for m in members])
@@ -258,14 +265,34 @@ class ShardAccess:
         shard = self._binding.shard(member)
         return values if shard is None or shard.mesh is None else values[shard.offset:shard.offset + shard.rows]
 
+    def add_step_sum(self, key: str, pack: Pack, values: torch.Tensor) -> None:
+        """Add ``values`` (sums over the elements of ``pack``) to this step's sums under ``key``."""
+        by_mesh = self.step_cache.setdefault(key, {})
+        entry = by_mesh.get(id(pack.mesh))
+        by_mesh[id(pack.mesh)] = (pack, values if entry is None else entry[1] + values.to(entry[1].device))
+
+    def step_sum(self, key: str) -> torch.Tensor | None:
+        """This step's sums under ``key`` (see :meth:`add_step_sum`) over every tensor's elements, completed across
+        the ranks for sharded packs (one collective per mesh); None if nothing was added. Clears them."""
+        by_mesh = self.step_cache.pop(key, None)
+        total = None
+        for pack, values in (by_mesh or {}).values():
+            values = pack.sum_(values)
+            total = values if total is None else total + values.to(total.device)
+        return total
+
     @staticmethod
-    def sum_across_ranks_(packs: list[Pack], vector: torch.Tensor) -> torch.Tensor:
-        """A per-tensor vector laid out as :meth:`per_tensor` concatenates it, made of this rank's parts of sharded
-        tensors (see engine/sharding.py): summed across the ranks where its packs are sharded, in place (one
-        collective when every pack is sharded over the same ranks, as under FSDP2)."""
+    def sum_across_ranks_(packs: list[Pack], vector: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """A per-tensor vector laid out as :meth:`per_tensor` concatenates it (or, given ``index``, its entries at
+        ``index`` only), made of this rank's parts of sharded tensors (see engine/sharding.py): summed across the
+        ranks where its packs are sharded (one collective when every pack is sharded over the same ranks, as under
+        FSDP2). In place where it can be; use the result."""
         meshes = {id(pack.mesh) for pack in packs}
         if meshes == {id(None)}:
             return vector
+        if index is not None:
+            whole = torch.zeros(sum(len(pack.params) for pack in packs), dtype=vector.dtype, device=vector.device)
+            return ShardAccess.sum_across_ranks_(packs, whole.index_copy_(0, index, vector))[index]
         if len(meshes) == 1:
             return packs[0].sum_(vector)
         offset = 0

@@ -72,6 +72,10 @@ class StateTable(dict):
         self._owner = weakref.ref(owner)
 
     def __missing__(self, param: torch.Tensor) -> ParamState:
+        owner = self._owner()
+        member = owner._binding.member_for(param) if owner is not None else None
+        if member is not None:  # a sharded parameter (FSDP2): the state of its local shard, which the packs train
+            return self[member]
         entry = self[param] = ParamState(self._owner, param)
         return entry
 

@@ -27,6 +27,8 @@ number of ops depends on the number of distinct shapes, not on the number of mod
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .names import Role
@@ -51,7 +53,8 @@ def as_matrices(tensors: list[torch.Tensor], buffers: dict | None = None, key: s
             torch._foreach_copy_(list(views[1]), tensors)
     else:
         stacked = torch.stack(tensors).to(dtype)
-    return stacked.view(shape[0], shape[1] if len(shape) > 1 else 1, -1)
+    # (the columns from the shape, not -1: a shard may hold no rows)
+    return stacked.view(shape[0], shape[1] if len(shape) > 1 else 1, math.prod(shape[2:]))
 
 
 def _buffer(buffers: dict, key: str, shape: tuple, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

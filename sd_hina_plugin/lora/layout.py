@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,16 +22,17 @@ ZERO_INIT_ROLES = (Role.LORA_B, Role.LOKR_W2, Role.LOKR_W2_B, Role.HADA_W2_A)
 RANK_LIMIT = 256
 
 
-def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
-    if p.dim() == 0:
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if not shape:
         return (1, 1)
-    return (p.shape[0], math.prod(p.shape[1:]))
+    return (shape[0], math.prod(shape[1:]))
 
 
-def shape_role(p: torch.Tensor) -> Role:
-    if p.dim() < 2:
+def shape_role(shape: tuple[int, ...]) -> Role:
+    """The role a tensor of ``shape`` (the whole tensor's, for a shard) plays by the shape rules."""
+    if len(shape) < 2:
         return Role.REGULAR
-    rows, cols = _matrix_shape(p)
+    rows, cols = _matrix_shape(shape)
     if rows < cols and rows <= RANK_LIMIT:
         return Role.LORA_A
     if cols < rows and cols <= RANK_LIMIT:
@@ -51,19 +52,22 @@ class LoraLayout:
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, trainable: list[tuple[int, torch.Tensor]], names: dict[int, str], source: str) -> "LoraLayout":
-        """The layout of the ``trainable`` tensors, given as (param group index, tensor), named by ``names`` (by id)."""
+    def build(cls, trainable: list[tuple[int, torch.Tensor]], names: dict[int, str], source: str,
+              shape_of: Callable[[torch.Tensor], tuple[int, ...]] = lambda p: tuple(p.shape)) -> "LoraLayout":
+        """The layout of the ``trainable`` tensors, given as (param group index, tensor), named by ``names`` (by id);
+        ``shape_of`` gives the whole tensor's shape (a shard's is its rows', which the shape rules must not see:
+        ranks holding different rows would pair differently)."""
         name_of: dict[int, str] = {}
         if source == "none" or not names:
             source = "shape rules"
             pending: dict[int, tuple[str, torch.Tensor]] = {}
             for gi, p in trainable:
-                role = shape_role(p)
+                role = shape_role(shape_of(p))
                 index = len(name_of)
                 if role is Role.LORA_A:
                     pending[gi] = (f"param{index}", p)
                     name_of[id(p)] = f"param{index}"  # provisional; renamed when its B follows
-                elif role is Role.LORA_B and gi in pending and _matrix_shape(pending[gi][1])[0] == _matrix_shape(p)[1]:
+                elif role is Role.LORA_B and gi in pending and _matrix_shape(shape_of(pending[gi][1]))[0] == _matrix_shape(shape_of(p))[1]:
                     base, a = pending.pop(gi)
                     name_of[id(a)] = f"{base}.lora_down.weight"
                     name_of[id(p)] = f"{base}.lora_up.weight"

@@ -138,7 +138,7 @@ class AdaptiveImportance(Technique):
             for j in by_rows.get(math.prod(shape[1:]), []):
                 if j != i and j not in used:
                     used.update((i, j))
-                    candidates.setdefault((shape, shapes[j]), []).append((i, j))
+                    candidates.setdefault((opt.layout_of(params[i]), opt.layout_of(params[j])), []).append((i, j))
                     break
 
         def on_device(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

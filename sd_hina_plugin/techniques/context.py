@@ -86,20 +86,13 @@ class Context:
 
     # -- per step ---------------------------------------------------------------------------------------
     def accumulate(self, values: torch.Tensor, pack: Any) -> None:
-        """Add one pack's ``(<u, m>, |u|^2, |m|^2, |g|^2)`` to this step's sums (kept apart per mesh for packs of
-        sharded tensors, whose sums are this rank's parts: completed once per step in :meth:`update`)."""
-        by_mesh = self.opt.step_cache.setdefault(_SUMS, {})
-        entry = by_mesh.get(id(pack.mesh))
-        by_mesh[id(pack.mesh)] = (pack, values if entry is None else entry[1] + values.to(entry[1].device))
+        """Add one pack's ``(<u, m>, |u|^2, |m|^2, |g|^2)`` to this step's sums."""
+        self.opt.add_step_sum(_SUMS, pack, values)
 
     def update(self) -> None:
-        by_mesh = self.opt.step_cache.pop(_SUMS, None)
-        if not by_mesh:
+        sums = self.opt.step_sum(_SUMS)
+        if sums is None:
             return
-        sums = None
-        for pack, values in by_mesh.values():
-            values = pack.sum_(values)
-            sums = values if sums is None else sums + values.to(sums.device)
         hp = self._hp()
         t = self._ensure(sums.device)
         rates, weights = self._rates, self._weights

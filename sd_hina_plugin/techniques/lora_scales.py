@@ -91,7 +91,7 @@ class AloraRowScale(Technique):
             classes: dict[tuple, tuple[list, list]] = {}
             for m in pairs:
                 b, a = m[Role.LORA_B], m[Role.LORA_A]
-                bs, as_ = classes.setdefault((opt.full_shape(b), opt.full_shape(a)), ([], []))
+                bs, as_ = classes.setdefault((opt.layout_of(b), opt.layout_of(a)), ([], []))
                 bs.append(b)
                 as_.append(a)
             plan = {"classes": list(classes.values()), "buffers": {},

@@ -218,10 +218,7 @@ class AdaptiveWeightDecay(Technique):
             # fp32 norms (float64 gradients: in float64, as _foreach_norm cannot narrow, then fp32 like the rest)
             wide = any(x.dtype == torch.float64 for x in grads)
             l1 = torch.stack(torch._foreach_norm(grads, 1, dtype=None if wide else torch.float32)).float()
-            if any(pack.mesh is not None for pack in packs):  # sharded: each rank's part of every tensor's sum
-                whole = torch.zeros(len(params), device=l1.device)
-                l1 = opt.sum_across_ranks_(packs, whole.index_copy_(0, index, l1) if not all(present) else l1)
-                l1 = l1[index] if not all(present) else l1
+            l1 = opt.sum_across_ranks_(packs, l1, None if all(present) else index)  # (sharded: over all its rows)
             mean_abs = l1 / numels
             finite = torch.isfinite(mean_abs)
             count = finite.sum().clamp_min(1)

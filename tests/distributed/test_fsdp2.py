@@ -468,3 +468,82 @@ def test_8bit_state_with_shards_of_whole_blocks_equals_one_process(tmp_path):
             assert change > 0, (name, n)
             assert float((sharded[name][n] - t).abs().max()) <= 1e-4 * change, (name, n)
 
+
+
+# -- no names, and shards with no rows ----------------------------------------------------------------------------
+
+UNNAMED = ["HinaAdamWOptimizer", "AdamW_HinaAdaptive"]
+
+
+def _unnamed_model() -> torch.nn.Module:
+    """kohya-named LoRA pairs whose shards are awkward: a B of 3 x 2 (by the shape rules a B whole, but rank 0's 2 x 2
+    rows are square and rank 1's 1 x 2 row looks like an A), a B of one row (rank 1 holds none of it: ALoRA's B
+    rows), and shape-chainable matrices ending in a 1-row one (the importance's relationship discovery)."""
+    from torch import nn
+
+    class Pair(nn.Module):
+        def __init__(self, i, o, r):
+            super().__init__()
+            self.lora_down, self.lora_up = nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
+
+        def forward(self, x):
+            return self.lora_up(self.lora_down(x))
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential()
+    for name, layer in (("lora_unet_a", Pair(6, 3, 2)), ("fc1", nn.Linear(3, 5)), ("fc2", nn.Linear(5, 7)),
+                        ("lora_unet_b", Pair(7, 1, 2)), ("fc3", nn.Linear(1, 7)), ("fc4", nn.Linear(7, 1))):
+        model.add_module(name, layer)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def _unnamed_run(name: str, rank: int, world: int, named: bool) -> dict[str, torch.Tensor]:
+    from sd_hina_plugin import registry
+    from torch.distributed.fsdp import fully_shard
+
+    model = _unnamed_model()
+    if world > 1:
+        for sub in model:
+            fully_shard(sub)
+        fully_shard(model)
+    opt = registry.resolve(name).cls(model.named_parameters() if named else model.parameters(), lr=1e-2)
+    for group in opt.param_groups:
+        if "relationship_discovery_interval" in group:
+            group["relationship_discovery_interval"] = 2
+    for step in range(6):
+        gen = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        ((model(x[part]) - y[part]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def _unnamed_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        results = {(name, named): _unnamed_run(name, rank, world, named) for name in UNNAMED for named in (True, False)}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unnamed_parameters_and_empty_shards_equal_one_process(tmp_path):
+    """With and without names. Shape rules on the whole tensors' shapes (on a shard's, ranks paired LoRA factors differently and planned
+    different packs: a collective mismatch), and stacks of shards with no rows (ALoRA's B, relationship discovery)."""
+    import torch.multiprocessing as mp
+
+    single = {(name, named): _unnamed_run(name, 0, 1, named) for name in UNNAMED for named in (True, False)}
+    mp.spawn(_unnamed_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "out.pt")
+    for key, run in single.items():
+        for n, t in run.items():
+            assert float((sharded[key][n] - t).abs().max()) <= FP32_REL * float(t.abs().max()), (key, n)
