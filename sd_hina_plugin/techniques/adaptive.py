@@ -3,8 +3,10 @@
 :class:`AdaptiveImportance`: a per-tensor importance that scales the update.
 
 * Each step, per tensor, three statistics are averaged (EMA with ``importance_decay``):
-  gradient consistency ``(1 + cos(m, g)) / 2``, change rate ``lr ||u|| / ||theta||`` (the relative step) and
-  gradient signal-to-noise ``||m|| / sqrt(sum v)``.
+  gradient consistency ``(1 + cos(m, g)) / 2``, change rate ``lr ||u|| / max(||theta||, lr ||u||)`` (the
+  relative step, at most 1: a zero-initialised LoRA B factor has ``||theta|| = 0`` at first) and gradient
+  signal-to-noise: ``||m|| / sqrt(sum v)``, or under ADOPT (where ``m`` averages the already normalised
+  ``g / sqrt(v)``) the RMS of ``m``, ``||m|| / sqrt(numel)``. Both are independent of the gradient's scale.
 * Once per step, over all parameters of the optimizer, each statistic is divided by its mean, so it becomes
   a relative signal, and ``contribution = 0.4 consistency + 0.3 change + 0.3 snr`` (the seed's weights) has
   mean 1. Then ``importance <- d * importance + (1 - d) * contribution``. Importance starts at 1 and stays
@@ -179,13 +181,24 @@ class AdaptiveImportance(Technique):
     # -- per pack ------------------------------------------------------------------------------------------
     def run(self, ctx) -> None:
         decay = ctx.hp["importance_decay"]
-        m, v, g = ctx.state("exp_avg"), ctx.state("exp_avg_sq"), ctx.g
-        m_norm, g_norm, dot, u_norm, v_sum = ctx.tensor_reductions(("norm", m), ("norm", g), ("dot", m, g), ("norm", ctx.u), ("sum", v))
+        m, g = ctx.state("exp_avg"), ctx.g
+        adopt = bool(ctx.hp.get("use_adopt_stability", False))
+        terms = [("norm", m), ("norm", g), ("dot", m, g), ("norm", ctx.u)]
+        if not adopt:
+            terms.append(("sum", ctx.state("exp_avg_sq")))
+        m_norm, g_norm, dot, u_norm, *v_sum = ctx.tensor_reductions(*terms)
         norms = m_norm * g_norm
         consistency = torch.where(norms > 0, dot / norms.clamp_min(1e-30), torch.zeros_like(norms))
-        weights = ctx.param_norms()
-        change = u_norm * abs(ctx.lr * ctx.step_scale) / weights.clamp_min(1e-12)
-        snr = m_norm / v_sum.clamp_min(0).sqrt().clamp_min(1e-30)
+        # relative change ||lr u|| / ||w||, divided by max(||w||, ||lr u||) so it is at most 1: a zero-initialised
+        # factor (LoRA B, weights 0 at first) would otherwise start near 1e8 and hold the mean for hundreds of steps
+        step_norm = u_norm * abs(ctx.lr * ctx.step_scale)
+        change = step_norm / torch.maximum(ctx.param_norms(), step_norm).clamp_min(1e-30)
+        if adopt:
+            # ADOPT: m is the EMA of g / sqrt(v) (dimensionless) while v holds raw g^2, so ||m|| / sqrt(sum v) would grow
+            # as a tensor's gradients shrink. The RMS of m, ||m|| / sqrt(numel), is already mean / root-mean-square.
+            snr = m_norm / ctx.numels().clamp_min(1).sqrt()
+        else:  # m and v both in gradient units
+            snr = m_norm / v_sum[0].clamp_min(0).sqrt().clamp_min(1e-30)
         for key, value in zip(STATS, (consistency.add_(1).mul_(0.5), change, snr)):
             ctx.state(key).lerp_(value, 1.0 - decay)
         blended = ctx.opt.step_cache.get(self.name, {}).get(id(ctx.pack))

@@ -77,6 +77,47 @@ def test_importance_and_mask_still_apply_in_steps_where_a_tensor_has_no_gradient
     assert len(opt.mask_means) == len(opt.packs()) and all(v is not None for v in opt.mask_means.values())
 
 
+@pytest.mark.parametrize("adopt", [True, False])
+def test_importance_does_not_depend_on_a_tensors_gradient_scale(adopt):
+    """Gradients of some tensors 1000x (or 0.1x) larger, same directions: the same importance. Under ADOPT, m holds the
+    normalised g / sqrt(v) while v holds raw g^2, and ||m|| / sqrt(sum v) made a tensor with small gradients look
+    1000x more significant (issue 30: 155 for a LoRA A factor against 1.6 for a classifier head)."""
+    def run(scales):
+        torch.manual_seed(0)
+        named = [(f"w{k}", torch.nn.Parameter(torch.randn(s) * 0.1)) for k, s in enumerate([(16, 8), (8, 12), (12, 5), (7,), (20, 3)])]
+        opt = AdamW_HinaAdaptive([p for _, p in named], optim_bits=32, use_adopt_stability=adopt)
+        gen = torch.Generator().manual_seed(5)
+        means = [torch.randn(p.shape, generator=gen) * (0.3 + 0.4 * k) for k, (_, p) in enumerate(named)]  # unequal SNRs
+        for _ in range(40):
+            for (_, p), mean, scale in zip(named, means, scales):
+                p.grad = (mean + torch.randn(p.shape, generator=gen)) * 0.01 * scale
+            opt.step()
+        return opt.per_tensor("adapt.importance")[1].clone()
+
+    reference = run([1.0] * 5)
+    assert reference.max() - reference.min() > 0.1, reference  # the tensors do differ
+    torch.testing.assert_close(run([1000.0, 1.0, 0.1, 100.0, 1.0]), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_initialised_factor_keeps_change_rate_and_importance_bounded():
+    """A zero-initialised LoRA B (weights 0 at the first step) has a relative change ||lr u|| / ||w|| near 1e8 at first;
+    bounded by max(||w||, ||lr u||) it is at most 1, and no tensor's importance is pushed far from 1 by it."""
+    torch.manual_seed(0)
+    named = list(KohyaLoRANetwork(TinyUNet(), [TinyTextEncoder()]).named_parameters())
+    assert any("lora_up" in n and not p.detach().any() for n, p in named)  # B factors start at zero
+    opt = AdamW_HinaAdaptive([p for _, p in named], optim_bits=32, use_lr_mask=False).attach_names(named)
+    torch.manual_seed(1)
+    means = [torch.randn(p.shape) for _, p in named]
+    for _ in range(60):
+        for (_, p), mean in zip(named, means):
+            p.grad = (mean + 2 * torch.randn(p.shape)) * 0.01
+        opt.step()
+    change = opt.per_tensor("adapt.change")[1]
+    importance = opt.per_tensor("adapt.importance")[1]
+    assert float(change.max()) <= 1.0, change  # was 4.6e6 here
+    assert 0.5 < float(importance.min()) and float(importance.max()) < 1.5, importance  # max was 1.77
+
+
 @pytest.mark.parametrize("strength", [0.0, 0.25, 1.0])
 def test_adaptation_strength_bounds_the_scale(strength):
     named = _named()
