@@ -418,20 +418,18 @@ def _aligned_model() -> torch.nn.Module:
     return model
 
 
-def _aligned_run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
-    from sd_hina_plugin import registry
+def _train(model: torch.nn.Module, make_optimizer, data, steps: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``steps`` steps of ``model`` (sharded by ``fully_shard`` when ``world`` > 1), each rank on its part of the batch
+    ``data(step)``; the whole trained parameters."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _aligned_model()
     if world > 1:
         for sub in model:
             fully_shard(sub)
         fully_shard(model)
-    opt = registry.resolve(name).cls(model.named_parameters(), lr=1e-2, min_8bit_size=0,
-                                     **({"optim_bits": 8} if name == "HinaAdamWOptimizer" else {}))
-    for step in range(5):
-        gen = torch.Generator().manual_seed(100 + step)
-        x, y = torch.randn(8, 64, generator=gen), torch.randn(8, 512, generator=gen)
+    opt = make_optimizer(model)
+    for step in range(steps):
+        x, y = data(step)
         part = slice(rank * 8 // world, (rank + 1) * 8 // world)
         ((model(x[part]) - y[part]) ** 2).mean().backward()
         opt.step()
@@ -439,13 +437,35 @@ def _aligned_run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def _aligned_worker(rank: int, world: int, store: str, out: str) -> None:
+def _batch(inputs: int, outputs: int):
+    def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(100 + step)
+        return torch.randn(8, inputs, generator=gen), torch.randn(8, outputs, generator=gen)
+    return data
+
+
+def _aligned_run(name: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    from sd_hina_plugin import registry
+
+    def make(model):
+        return registry.resolve(name).cls(model.named_parameters(), lr=1e-2, min_8bit_size=0,
+                                          **({"optim_bits": 8} if name == "HinaAdamWOptimizer" else {}))
+
+    return _train(_aligned_model(), make, _batch(64, 512), 5, rank, world)
+
+
+def _aligned_all(rank: int, world: int) -> dict:
+    return {name: _aligned_run(name, rank, world) for name in EIGHT_BIT}
+
+
+def _worker(rank: int, world: int, store: str, out: str, runs) -> None:
+    """One rank of a 2-process run (``torch.multiprocessing.spawn``): ``runs(rank, world)``, saved by rank 0."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {name: _aligned_run(name, rank, world) for name in EIGHT_BIT}
+        results = runs(rank, world)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -459,8 +479,8 @@ def test_8bit_state_with_shards_of_whole_blocks_equals_one_process(tmp_path):
 
     torch.manual_seed(0)
     start = {n: p.detach().clone() for n, p in _aligned_model().named_parameters()}
-    single = {name: _aligned_run(name, 0, 1) for name in EIGHT_BIT}
-    mp.spawn(_aligned_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    single = _aligned_all(0, 1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt"), _aligned_all), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "out.pt")
     for name in EIGHT_BIT:
         for n, t in single[name].items():
@@ -502,47 +522,29 @@ def _unnamed_model() -> torch.nn.Module:
 
 def _unnamed_run(name: str, rank: int, world: int, named: bool) -> dict[str, torch.Tensor]:
     from sd_hina_plugin import registry
-    from torch.distributed.fsdp import fully_shard
 
-    model = _unnamed_model()
-    if world > 1:
-        for sub in model:
-            fully_shard(sub)
-        fully_shard(model)
-    opt = registry.resolve(name).cls(model.named_parameters() if named else model.parameters(), lr=1e-2)
-    for group in opt.param_groups:
-        if "relationship_discovery_interval" in group:
-            group["relationship_discovery_interval"] = 2
-    for step in range(6):
-        gen = torch.Generator().manual_seed(100 + step)
-        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
-        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        ((model(x[part]) - y[part]) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    def make(model):
+        opt = registry.resolve(name).cls(model.named_parameters() if named else model.parameters(), lr=1e-2)
+        for group in opt.param_groups:
+            if "relationship_discovery_interval" in group:
+                group["relationship_discovery_interval"] = 2
+        return opt
+
+    return _train(_unnamed_model(), make, _batch(6, 1), 6, rank, world)
 
 
-def _unnamed_worker(rank: int, world: int, store: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        results = {(name, named): _unnamed_run(name, rank, world, named) for name in UNNAMED for named in (True, False)}
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _unnamed_all(rank: int, world: int) -> dict:
+    return {(name, named): _unnamed_run(name, rank, world, named) for name in UNNAMED for named in (True, False)}
 
 
 def test_unnamed_parameters_and_empty_shards_equal_one_process(tmp_path):
-    """With and without names. Shape rules on the whole tensors' shapes (on a shard's, ranks paired LoRA factors differently and planned
-    different packs: a collective mismatch), and stacks of shards with no rows (ALoRA's B, relationship discovery)."""
+    """With and without names. Shape rules on the whole tensors' shapes (on a shard's, ranks paired LoRA factors
+    differently and planned different packs: a collective mismatch), and stacks of shards with no rows (ALoRA's B,
+    relationship discovery)."""
     import torch.multiprocessing as mp
 
-    single = {(name, named): _unnamed_run(name, 0, 1, named) for name in UNNAMED for named in (True, False)}
-    mp.spawn(_unnamed_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    single = _unnamed_all(0, 1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt"), _unnamed_all), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "out.pt")
     for key, run in single.items():
         for n, t in run.items():
