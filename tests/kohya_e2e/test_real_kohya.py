@@ -221,6 +221,21 @@ def test_lycoris_lokr_run_logs_lokr_and_coptim_scalars(kohya):
     assert any(k.endswith("lokr_w1") for k in kohya.weights())
 
 
+def _assert_resume_is_one_run(run) -> None:
+    """``run(name, steps, *args)`` trains one kohya run: 8 steps straight equal 4 steps with
+    --save_state_on_train_end, then --resume to step 8, bit for bit (and steps 5-8 moved the weights)."""
+    straight = run("straight", 8)
+    first = run("first", 4, "--save_state_on_train_end")
+    state = first.work / "out" / "net-state"
+    assert (state / "optimizer.bin").is_file(), sorted(p.name for p in state.iterdir())
+    resumed = run("resumed", 8, "--resume", str(state))
+    a, b, half = straight.weights(), resumed.weights(), first.weights()
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - half[k].float()).abs().max().item() for k in a) > 0  # steps 5-8 moved the weights
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst == 0.0, f"resumed run differs from the straight one by {worst}"
+
+
 @pytest.mark.parametrize("optimizer", ["AdamW_HinaAdaptive", "Automagic_CameAMP_COptim8bit"])
 def test_save_state_and_resume_continue_as_one_run(kohya, tmp_path, optimizer):
     """8 steps straight == 4 steps, --save_state_on_train_end, then --resume to step 8, bit for bit.
@@ -240,16 +255,7 @@ def test_save_state_and_resume_continue_as_one_run(kohya, tmp_path, optimizer):
         r(args + opt + list(extra))
         return r
 
-    straight = run("straight", 8)
-    first = run("first", 4, "--save_state_on_train_end")
-    state = first.work / "out" / "net-state"
-    assert (state / "optimizer.bin").is_file(), sorted(p.name for p in state.iterdir())
-    resumed = run("resumed", 8, "--resume", str(state))
-    a, b, half = straight.weights(), resumed.weights(), first.weights()
-    assert a.keys() == b.keys()
-    assert max((a[k].float() - half[k].float()).abs().max().item() for k in a) > 0  # steps 5-8 moved the weights
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst == 0.0, f"resumed run differs from the straight one by {worst}"
+    _assert_resume_is_one_run(run)
 
 
 def test_kohya_loraplus_switches_ours_off_and_says_so(kohya):
@@ -594,26 +600,16 @@ def _resume_is_one_run(base: Run, tmp_path: Path, script: str, extra) -> None:
     """8 steps straight == 4 steps, --save_state_on_train_end, then --resume to step 8, bit for bit (at an epoch
     boundary: 8 identical pictures, batch 2), with Automagic_CameAMP8bit; ``extra(run, args)`` finishes the args."""
     same = _same_pictures(base, tmp_path / "train_same")
-    opt = ["--optimizer_type", "sd_hina_plugin.Automagic_CameAMP8bit", "--optimizer_args", "warmup_steps=6"]
 
     def run(name, steps, *more):
         r = Run(base.fixture, tmp_path / name, model=base.model)
         r.work.mkdir()
         args = r.base(steps=steps, optimizer=None)
         args[args.index(str(base.fixture / "train"))] = str(same)
-        r(extra(r, args) + opt + list(more), script=script)
+        r(extra(r, args) + CAMEAMP8BIT + list(more), script=script)
         return r
 
-    straight = run("straight", 8)
-    first = run("first", 4, "--save_state_on_train_end")
-    state = first.work / "out" / "net-state"
-    assert (state / "optimizer.bin").is_file(), sorted(p.name for p in state.iterdir())
-    resumed = run("resumed", 8, "--resume", str(state))
-    a, b, half = straight.weights(), resumed.weights(), first.weights()
-    assert a.keys() == b.keys()
-    assert max((a[k].float() - half[k].float()).abs().max().item() for k in a) > 0  # steps 5-8 moved the weights
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst == 0.0, f"resumed run differs from the straight one by {worst}"
+    _assert_resume_is_one_run(run)
 
 
 def test_sdxl_save_state_and_resume_continue_as_one_run(sdxl, tmp_path):
