@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .engine.sharding import is_dtensor
+
 SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.equal")
 UPLOAD_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy")
 
@@ -102,7 +104,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     def visit(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            if type(value).__name__ == "DTensor":
+            if is_dtensor(value):
                 value = value.to_local()
             storage = value.untyped_storage()
             seen[(str(value.device), storage.data_ptr())] = storage.nbytes()

@@ -151,9 +151,10 @@ class Binding:
         """Before ``group`` steps: the whole values and gradients of its replicas (a collective: every rank steps
         the same groups in the same order under the engines that make replicas); sharded members re-pointed if
         their engine moved their storage."""
-        for p in group["params"]:
-            if id(p) in self._aliases:
-                self._alias(p)
+        if self._aliases:  # (a loop over the group's tensors only where FSDP2 put sharded ones in)
+            for p in group["params"]:
+                if id(p) in self._aliases:
+                    self._alias(p)
         for exchange in self._exchanges.get(self.home(group), ()):
             exchange.gather()
 

@@ -18,6 +18,7 @@ import torch
 from ..lora import discovery
 from ..lora.layout import LoraLayout
 from ..lora.names import classify
+from . import sharding
 
 logger = logging.getLogger("sd_hina_plugin")
 _KOHYA_MODULE = "library.train_util"  # the module scan is a fallback for kohya only (it walks every live object)
@@ -99,7 +100,7 @@ class Naming:
                 name = names.get(id(p)) or self._names_seen.get(id(p))
                 if name is not None:
                     by_place[(home, j)] = name
-                elif (home, j) in by_place and type(p).__name__ == "DTensor":
+                elif (home, j) in by_place and sharding.is_dtensor(p):
                     names[id(p)] = by_place[(home, j)]
         for _, member in self._binding.all_members():
             origin = self._binding.source(member)

@@ -177,11 +177,6 @@ class Pack:
         return self.derive("numels", lambda: torch.cat([
             torch.full((b.count,), float(b.full_numel), device=self.device) for b in self.buckets]))
 
-    def full_rows(self) -> torch.Tensor:
-        """Rows of each whole tensor viewed as a matrix, ``(n_params,)`` fp32, on the device (like :meth:`numels`)."""
-        return self.derive("full_rows", lambda: torch.cat([
-            torch.full((b.count,), float(b.full_rows), device=self.device) for b in self.buckets]))
-
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` (partial results of this rank's shards) across the ranks the pack is sharded over, in place;
         ``x`` itself when its tensors are held whole."""

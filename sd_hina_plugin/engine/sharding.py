@@ -137,7 +137,7 @@ def wrap_state(shard: Shard, value: torch.Tensor, kind: str) -> torch.Tensor:
     if shard.mesh is None or kind in ("tensor", "cols"):
         return DTensor.from_local(value, mesh, [Replicate()], run_check=False)
     if kind == "elem":
-        return DTensor.from_local(value.view(value.shape), mesh, [ShardPlacement(0)], run_check=False,
+        return DTensor.from_local(value, mesh, [ShardPlacement(0)], run_check=False,
                                   shape=torch.Size(shard.shape), stride=_contiguous_stride(shard.shape))
     if kind == "rows":
         n = shard.shape[0] if shard.shape else 1
@@ -259,11 +259,6 @@ class ShardAccess:
     def sum_rows_(self, members: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         """Sums over the rows of same-shape ``members`` (``(k, ...)``) completed over all rows of the whole tensors."""
         return sum_rows_(values, [self._binding.shard(m) for m in members])
-
-    def local_rows(self, member: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Per-row ``values`` of the whole tensor ``member`` stands for, cut to the rows it holds."""
-        shard = self._binding.shard(member)
-        return values if shard is None or shard.mesh is None else values[shard.offset:shard.offset + shard.rows]
 
     def add_step_sum(self, key: str, pack: Pack, values: torch.Tensor) -> None:
         """Add ``values`` (sums over the elements of ``pack``) to this step's sums under ``key``."""
