@@ -112,6 +112,8 @@ def main() -> None:
             per = "/".join(f"{r[1] / r[0]:.2f}" for r in every)
             rep = "/".join(f"{int(r[2]):,}" for r in every)
             print(f"| {name} | {elems} | {mib} | {per} | {rep} |")
+    dist.barrier()
+    dist.destroy_process_group()  # before exit: gloo's threads torn down by the interpreter can abort a rank
 
 
 if __name__ == "__main__":

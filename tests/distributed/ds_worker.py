@@ -146,6 +146,19 @@ def main() -> None:
         torch.save(results, opts.out)
         with open(opts.out + ".json", "w") as f:
             json.dump(meta, f, default=str)
+    if not opts.single:
+        shut_down()
+
+
+def shut_down() -> None:
+    """Every rank waits until rank 0 has written, then the process group is destroyed before exit: left to the
+    interpreter's exit, gloo's threads were once torn down mid-join (SIGABRT on one rank, torchrun then killing
+    the other before it had written its results)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sd_hina_plugin
 from sd_hina_plugin import hf
 from sd_hina_plugin.kohya.hook import unwrap
 
+from ds_worker import shut_down
+
 
 class TinyRegressor(torch.nn.Module):
     def __init__(self):
@@ -71,6 +73,7 @@ def main() -> None:
         with open(opts.out + ".json", "w") as f:
             json.dump({"logs": logs, "notes": unwrap(trainer.optimizer).notes(), "stats": sd_hina_plugin.stats(trainer.optimizer)},
                       f, default=str)
+    shut_down()
 
 
 if __name__ == "__main__":
