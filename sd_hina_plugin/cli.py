@@ -150,7 +150,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if spec.aliases:
         print(f"aliases: {', '.join(spec.aliases)}")
     print(f"kohya: --optimizer_type sd_hina_plugin.{spec.name} --optimizer_args \"key=value\" ...\n")
-    from .engine.base import common_first
+    from .config import common_first
 
     for field in common_first(spec.config.field_specs()):
         print(f"  {field.name} ({field.kind}) = {field.to_text(field.default)}")

@@ -352,3 +352,31 @@ def kohya_literal(item: str, owner: str = "optimizer") -> tuple[str, Any]:
             fix = f"quote strings ({key}='{word}')"
         raise ValueError(f"{owner}: {item!r}: kohya reads values with ast.literal_eval, which cannot read "
                          f"{word!r}; {fix}") from exc
+
+
+#: the arguments every AdamW user looks for first, in this order (``sd-hina show`` and signatures)
+COMMON_ARGUMENTS = ("lr", "betas", "beta1", "weight_decay", "eps")
+
+
+def common_first(fields: Iterable[Any]) -> list[Any]:
+    """Config fields with :data:`COMMON_ARGUMENTS` first, in that order, then the rest as declared."""
+    rank = {name: i for i, name in enumerate(COMMON_ARGUMENTS)}
+    return sorted(fields, key=lambda f: rank.get(f.name, len(rank)))
+
+
+def describe_arguments(cls: type) -> None:
+    """A real signature (``help()``, IDEs, ``inspect.signature``) and an argument list in the docstring, both
+    generated from the config's fields, so they can never disagree with what the constructor accepts."""
+    import inspect
+
+    fields = common_first(cls.Config.field_specs())
+    kind = inspect.Parameter.KEYWORD_ONLY
+    parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in fields:
+        if f.name == "lr":
+            parameters.append(inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default))
+        else:
+            parameters.append(inspect.Parameter(f.name, kind, default=f.default))
+    cls.__signature__ = inspect.Signature(parameters)
+    lines = [f"    {f.name} = {f.to_text(f.default)}: {f.help} ({f.range_text()})" for f in fields]
+    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"

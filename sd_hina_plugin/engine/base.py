@@ -25,11 +25,11 @@ What the base guarantees for every optimizer:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..config import ConfigBase
+from ..config import ConfigBase, describe_arguments
 from ..kohya.hook import attach as attach_to_kohya
 from ..lora import discovery
 from ..numerics import quant8
@@ -43,55 +43,11 @@ from .context import StepContext
 from .pack import Pack, ScratchPool, plan_packs, upload
 from .report import Reporting
 from .state import StateTable
-from .technique import STAGES, Slot, Technique
+from .technique import Slot, Technique, validate_techniques
 
 __all__ = ["FORMAT_VERSION", "HinaOptimizer", "validate_techniques"]
 _RNG_SEED = 0x5EED_0001
 logger = logging.getLogger("sd_hina_plugin")
-
-
-def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
-    """Techniques must come in stage order and exactly one of them writes the parameters."""
-    last = 0
-    writers = 0
-    for tech in techniques:
-        if tech.stage not in STAGES:
-            raise ValueError(f"{name}: technique {tech.name!r} has unknown stage {tech.stage!r}")
-        index = STAGES.index(tech.stage)
-        if index < last:
-            raise ValueError(f"{name}: technique {tech.name!r} (stage {tech.stage}) comes after a later stage")
-        last = index
-        writers += tech.writes_params
-    if writers != 1:
-        raise ValueError(f"{name}: exactly one technique must write the parameters, found {writers}")
-
-
-#: the arguments every AdamW user looks for first, in this order (``sd-hina show`` and signatures)
-COMMON_ARGUMENTS = ("lr", "betas", "beta1", "weight_decay", "eps")
-
-
-def common_first(fields: Iterable[Any]) -> list[Any]:
-    """Config fields with :data:`COMMON_ARGUMENTS` first, in that order, then the rest as declared."""
-    rank = {name: i for i, name in enumerate(COMMON_ARGUMENTS)}
-    return sorted(fields, key=lambda f: rank.get(f.name, len(rank)))
-
-
-def _describe_arguments(cls: type) -> None:
-    """A real signature (``help()``, IDEs, ``inspect.signature``) and an argument list in the docstring, both
-    generated from the config's fields, so they can never disagree with what the constructor accepts."""
-    import inspect
-
-    fields = common_first(cls.Config.field_specs())
-    kind = inspect.Parameter.KEYWORD_ONLY
-    parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    for f in fields:
-        if f.name == "lr":
-            parameters.append(inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default))
-        else:
-            parameters.append(inspect.Parameter(f.name, kind, default=f.default))
-    cls.__signature__ = inspect.Signature(parameters)
-    lines = [f"    {f.name} = {f.to_text(f.default)}: {f.help} ({f.range_text()})" for f in fields]
-    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n\nArguments (keyword; kohya: --optimizer_args \"name=value\"):\n" + "\n".join(lines) + "\n"
 
 
 class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torch.optim.Optimizer):
@@ -108,7 +64,7 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
         if cls.TECHNIQUES:
             validate_techniques(cls.NAME or cls.__name__, cls.TECHNIQUES)
         if "Config" in cls.__dict__:
-            _describe_arguments(cls)
+            describe_arguments(cls)
 
     def __init__(self, params: Any, lr: float | None = None, **kwargs: Any):
         if lr is not None:

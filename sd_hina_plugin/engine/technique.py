@@ -18,7 +18,7 @@ Stages, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 from ..config import Field
 
@@ -136,3 +136,19 @@ class Technique:
         """Called instead of :meth:`run` when an earlier technique ended the step (``ctx.done``: ADOPT's and
         CAME's first step only initialise), for techniques that must still observe the gradient (the lr mask
         records its signs, so that the second step can compare against them)."""
+
+
+def validate_techniques(name: str, techniques: Iterable[Technique]) -> None:
+    """Techniques must come in stage order and exactly one of them writes the parameters."""
+    last = 0
+    writers = 0
+    for tech in techniques:
+        if tech.stage not in STAGES:
+            raise ValueError(f"{name}: technique {tech.name!r} has unknown stage {tech.stage!r}")
+        index = STAGES.index(tech.stage)
+        if index < last:
+            raise ValueError(f"{name}: technique {tech.name!r} (stage {tech.stage}) comes after a later stage")
+        last = index
+        writers += tech.writes_params
+    if writers != 1:
+        raise ValueError(f"{name}: exactly one technique must write the parameters, found {writers}")
