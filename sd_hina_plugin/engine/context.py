@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -200,10 +200,16 @@ class StepContext:
 
     def col_means(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of each column of each tensor of flat ``x`` viewed as a matrix, over all its rows: a "cols" buffer."""
+        return join([mean.reshape(-1) for mean in self._means_over_rows(lambda b: b.matrix(x), dim=1)])
+
+    def _means_over_rows(self, view: Callable[[Any], torch.Tensor], dim: int, keepdim: bool = False) -> list[torch.Tensor]:
+        """Per bucket, the mean of ``view(bucket)`` over ``dim``, the dimension of a tensor's rows: over all of each
+        tensor's rows when the pack is sharded (sums completed in one collective, divided by the whole row count)."""
+        buckets = self.pack.buckets
         if self.pack.mesh is None:
-            return join([b.matrix(x).mean(dim=1).reshape(-1) for b in self.pack.buckets])
-        sums = self.pack.sum_all_([b.matrix(x).sum(dim=1) for b in self.pack.buckets])
-        return join([part.div_(b.full_rows).reshape(-1) for part, b in zip(sums, self.pack.buckets)])
+            return [view(b).mean(dim=dim, keepdim=keepdim) for b in buckets]
+        sums = self.pack.sum_all_([view(b).sum(dim=dim, keepdim=keepdim) for b in buckets])
+        return [part.div_(b.full_rows) for part, b in zip(sums, buckets)]
 
     def across_rows_(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-bucket sums over rows (column sums, ``(count, 1, cols)``, or per-tensor sums) made from this rank's
@@ -219,13 +225,8 @@ class StepContext:
         """From a "rows" buffer ``r`` and a "cols" buffer ``c`` of factored statistics: row and column factors whose
         outer product is ``sqrt(scale * r_i c_j / mean(r))`` per tensor (mean over the tensor's rows), or its
         reciprocal with ``inverse``, as a "rows" and a "cols" buffer."""
-        buckets = self.pack.buckets
-        if self.pack.mesh is None:
-            means = [b.row_stats(r).mean(dim=-1, keepdim=True) for b in buckets]
-        else:
-            sums = self.pack.sum_all_([b.row_stats(r).sum(dim=-1, keepdim=True) for b in buckets])
-            means = [part.div_(b.full_rows) for part, b in zip(sums, buckets)]
-        rows = join([(b.row_stats(r) / mean).mul_(scale).reshape(-1) for b, mean in zip(buckets, means)])
+        means = self._means_over_rows(lambda b: b.row_stats(r), dim=-1, keepdim=True)
+        rows = join([(b.row_stats(r) / mean).mul_(scale).reshape(-1) for b, mean in zip(self.pack.buckets, means)])
         return (rows.rsqrt_(), c.rsqrt()) if inverse else (rows.sqrt_(), c.sqrt())
 
     def outer_(self, out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
