@@ -40,6 +40,7 @@ from .checkpoint import FORMAT_VERSION, Checkpointing
 from .naming import NameMemo, Naming
 from .compiled import CompiledSteps, run_chain
 from .context import StepContext
+from .distributed import Iteration
 from .pack import Pack, ScratchPool, plan_packs, upload
 from .report import Reporting
 from .state import StateTable
@@ -93,6 +94,10 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
         self._compiled: CompiledSteps | None = None
         #: per-step results of techniques' ``prepare`` (transient, rebuilt every step)
         self.step_cache: dict[str, Any] = {}
+        #: sums over all tensors that techniques' ``finish`` folds in once per iteration (see ShardAccess.add_step_sum)
+        self.iteration_sums: dict[str, Any] = {}
+        #: the groups called and stepped in this iteration (an iteration spans several calls under DeepSpeed)
+        self._iteration = Iteration()
         #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
         self.mask_means: dict[int, tuple[int, torch.Tensor, int] | None] = {}
         super().__init__(params, self.config.as_dict())
@@ -157,7 +162,9 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
             wrong = [(gi, j, p.dtype) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])
                      if p.dtype not in self.PARAM_DTYPES]
         else:
-            mine = {id(m) for m in members} | {id(f.owner) for m in members if (f := self._binding.fragment(m)) is not None}
+            # (and an engine's form of them: DeepSpeed's partition, FSDP2's sharded parameter, whose dtype is its shard's)
+            mine = {id(m) for m in members} | {id(f.owner) for m in members if (f := self._binding.fragment(m)) is not None} \
+                | {id(self._binding.source(m)) for m in members}
             wrong = [(self._binding.home(g), j, p.dtype) for g in self.param_groups for j, p in enumerate(g["params"])
                      if id(p) in mine and p.dtype not in self.PARAM_DTYPES]
         if wrong:
@@ -408,9 +415,14 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
         # replace parameters (DeepSpeed's flat partitions, FSDP2) or reorder groups (see engine/binding.py)
         visible = [self._group_packs(group) for group in self.param_groups]
         self._report_missing_names()
+        iteration = self._iteration
+        if iteration.starts_again(self.param_groups):  # (an engine skipped a group: finish the iteration it left)
+            self._finish_iteration()
         self._step_packs = visible
         try:
             self.step_cache.clear()
+            if not iteration.called:
+                self.iteration_sums.clear()
             grad = self._binding.grad
             for group in self.param_groups:
                 self._binding.gather(group)
@@ -423,14 +435,22 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
                 group["step"] += 1
                 for pack in packs:
                     self._step_pack(pack, group)
-            for tech in self.TECHNIQUES:
-                if any(tech.enabled(group) for group, _ in stepping):
-                    tech.finish(self)
+            iteration.record(self.param_groups)
+            # every call is an iteration, except under DeepSpeed, where the call of its last group completes one
+            if iteration.complete(self._binding.groups if self._binding.partitioned else self.param_groups):
+                self._finish_iteration()
             for group, _ in stepping:
                 self._binding.write_back(group)
         finally:
             self._step_packs = None
         return loss
+
+    def _finish_iteration(self) -> None:
+        """Techniques' ``finish``, for those enabled in a group called in the iteration now complete."""
+        called = self._iteration.take()
+        for tech in self.TECHNIQUES:
+            if any(tech.enabled(group) for group in called):
+                tech.finish(self)
 
     def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient of a tensor packs train (``p.grad``, or its part of an engine's gradient partition)."""

@@ -61,6 +61,8 @@ class Binding:
         self._shards: dict[int, sharding.Shard] = {}
         #: id(DTensor parameter) -> (weak reference to it, the member standing for its local shard)
         self._aliases: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        #: whether any group was found to be an engine's flat partition (the same on every rank)
+        self.partitioned = False
         #: the adapter module of a parameter (set by the optimizer from the names it learnt)
         self.module_of: Callable[[torch.Tensor], str | None] = lambda p: None
 
@@ -110,6 +112,7 @@ class Binding:
                 if p.requires_grad and p.numel():
                     out.append(p)
                 continue
+            self.partitioned = True
             if not p.requires_grad:
                 continue
             fragments, exchange = found
@@ -172,6 +175,16 @@ class Binding:
 
     def fragment(self, member: torch.Tensor) -> distributed.Fragment | None:
         return self._fragments.get(id(member))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any group holds sharded parameters (FSDP2)."""
+        return bool(self._aliases)
+
+    def counted(self, member: torch.Tensor) -> bool:
+        """Whether this rank counts ``member`` in sums over all tensors completed across ranks (see Fragment.counted)."""
+        fragment = self._fragments.get(id(member))
+        return fragment is None or fragment.counted
 
     def shard(self, member: torch.Tensor) -> sharding.Shard | None:
         return self._shards.get(id(member))

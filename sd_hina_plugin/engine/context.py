@@ -176,6 +176,15 @@ class StepContext:
             parts = [p.sqrt_() if term[0] == "norm" else p for p, term in zip(parts, terms)]
         return parts
 
+    def total_dots(self, *pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``sum(x * y)`` over the pack's elements for each ``(x, y)`` of flat buffers: ``(len(pairs),)``, for sums over
+        all tensors that the engine completes across ranks (``opt.add_step_sum``). A tensor held whole by several
+        ranks (a DeepSpeed replica) is left out on all but one of them, so that it counts once."""
+        counted = self.opt.counted_weights(self.pack)
+        if counted is None:
+            return torch.stack([torch.dot(x, y) for x, y in pairs])
+        return torch.stack(self.tensor_reductions(*(("dot", x, y) for x, y in pairs))) @ counted
+
     def tensor_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of each tensor's elements of flat ``x``: shape ``(n_params,)`` in pack order."""
         return self.tensor_reductions(("sum", x))[0]

@@ -15,9 +15,12 @@ SinkGD, per-tensor norms, LoRA pairs) see the tensors they would see in one proc
   module or two at each partition boundary), each such rank computes the same update for all of it, and writes its
   own part back. Its state is kept, identically, on each of those ranks.
 
-Per tensor, per row and column and per LoRA pair, the result is that of one process. Statistics *across* tensors
-(AdaDecay's spread of gradient sizes, AdamW_HinaAdaptive's importance, C-Optim's context) are over the tensors of
-this rank's partition: a documented reduced form, said in one log line at the first step.
+Per tensor, per row and column and per LoRA pair, the result is that of one process. So is C-Optim's context: its
+sums over all tensors are completed across the ranks (a replica counted on one rank only, see
+``Fragment.counted``), and, since DeepSpeed steps one group per ``step()`` call, its update runs once per
+iteration, after the last group (:class:`Iteration`). The other statistics *across* tensors (AdaDecay's spread of
+gradient sizes, AdamW_HinaAdaptive's importance) are over the tensors of this rank's partition in the group
+stepping: a documented reduced form, said in one log line at the first step.
 
 A layout other than the plain one (``round_robin_gradients``, ``parameter_alignment``) is refused at the first
 step with an error saying so.
@@ -46,6 +49,9 @@ class Fragment:
     #: (start in the partition, start in the flattened source, numel) of each range of ``source`` this rank holds
     ranges: list[tuple[int, int, int]]
     engine: str = "DeepSpeed"
+    #: whether this rank counts the tensor in sums over all tensors completed across ranks: a replica is held whole by
+    #: several ranks and counts on the first of them only
+    counted: bool = True
     #: replicas: the whole tensor (the member) and its gradient, filled by :meth:`Exchange.gather`
     value: torch.Tensor | None = None
     grad_value: torch.Tensor | None = None
@@ -168,7 +174,7 @@ def partition(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int,
             ranges = [local[i]] if i in local else []
             for start, src, n in ranges:
                 value.view(-1)[src:src + n].copy_(flat.detach().view(-1)[start:start + n])
-            fragment = Fragment(flat, i, origins[i], "replica", ranges, value=value)
+            fragment = Fragment(flat, i, origins[i], "replica", ranges, value=value, counted=rank == min(participants[i]))
             fragments.append(fragment)
         exchange.shared.append((fragment, exchange.total, origins[i].numel()))
         exchange.total += origins[i].numel()
@@ -212,6 +218,46 @@ def describe(fragments: list[Fragment]) -> str | None:
     replicas = len(fragments) - views
     return (f"{engine}: this rank trains {views} tensors as views of its partition and {replicas} whole copies of "
             f"tensors split between ranks or in a LoRA/LoKr module spread over ranks (shapes and names from "
-            f"{engine}'s partition map: per-tensor, row/column and pair statistics as in one process); statistics "
-            f"across tensors (AdaDecay, importance, C-Optim context) are over this rank's tensors")
+            f"{engine}'s partition map: per-tensor, row/column and pair statistics and the C-Optim context as in one "
+            f"process); statistics across tensors (AdaDecay, importance) are over this rank's tensors")
 
+
+def all_reduce_(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group`` (default: all), in place: one all_reduce, through the GPU where the group
+    communicates by NCCL alone and ``x`` is on the CPU (ZeRO-Offload's partitions, FSDP2's CPU offload)."""
+    import torch.distributed as dist
+
+    if x.device.type != "cuda" and dist.get_backend(group) == "nccl":
+        reduced = x.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(reduced, group=group)
+        return x.copy_(reduced)
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class Iteration:
+    """The param groups called since an iteration began. An engine that steps one group per ``step()`` call
+    (DeepSpeed ZeRO sets ``param_groups`` to each of its groups in turn) spreads an iteration over several calls;
+    what techniques do once all of an iteration's tensors have stepped (``Technique.finish``: the C-Optim context's
+    update) then runs in the call that completes it, once every group the optimizer knows has been called (in one
+    process, every call), or, should an engine leave a group out, before a group is called a second time. Which
+    groups are called, in which order, is the same on every rank, so a collective in ``finish`` is met by all."""
+
+    def __init__(self) -> None:
+        self.called: dict[int, dict] = {}  # id(group) -> group
+
+    def starts_again(self, groups: list[dict]) -> bool:
+        """Whether a call of ``groups`` begins a new iteration while the last one is not finished."""
+        return any(id(g) in self.called for g in groups)
+
+    def record(self, groups: list[dict]) -> None:
+        self.called.update((id(g), g) for g in groups)
+
+    def complete(self, known: list[dict]) -> bool:
+        return all(id(g) in self.called for g in known)
+
+    def take(self) -> list[dict]:
+        """The groups called in the iteration now finishing; the next one starts empty."""
+        called = list(self.called.values())
+        self.called.clear()
+        return called

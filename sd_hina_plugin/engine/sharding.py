@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed
+from .pack import upload
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pack import Pack
 
@@ -44,10 +47,7 @@ class Mesh:
 
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the mesh's ranks, in place (one ``all_reduce``)."""
-        import torch.distributed as dist
-
-        dist.all_reduce(x, group=self.group)
-        return x
+        return distributed.all_reduce_(x, self.group)
 
     def sum_all_(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum each of ``parts`` over the ranks with one ``all_reduce`` (flattened into one buffer and back)."""
@@ -260,20 +260,35 @@ class ShardAccess:
         """Sums over the rows of same-shape ``members`` (``(k, ...)``) completed over all rows of the whole tensors."""
         return sum_rows_(values, [self._binding.shard(m) for m in members])
 
+    def counted_weights(self, pack: Pack) -> torch.Tensor | None:
+        """Per tensor of ``pack``: 1 where this rank counts it in sums over all tensors completed across ranks, 0 where
+        another rank does (a DeepSpeed replica, see ``Fragment.counted``); None when it counts all of them."""
+        def make() -> torch.Tensor | bool:
+            counted = [self._binding.counted(p) for p in pack.params]
+            return False if all(counted) else upload([float(c) for c in counted], pack.device)  # (first step only)
+
+        weights = pack.derive("counted", make)
+        return None if weights is False else weights
+
     def add_step_sum(self, key: str, pack: Pack, values: torch.Tensor) -> None:
-        """Add ``values`` (sums over the elements of ``pack``) to this step's sums under ``key``."""
-        by_mesh = self.step_cache.setdefault(key, {})
+        """Add ``values`` (sums over the elements of ``pack``, see ``StepContext.total_dots``) to this iteration's
+        sums under ``key``."""
+        by_mesh = self.iteration_sums.setdefault(key, {})
         entry = by_mesh.get(id(pack.mesh))
         by_mesh[id(pack.mesh)] = (pack, values if entry is None else entry[1] + values.to(entry[1].device))
 
     def step_sum(self, key: str) -> torch.Tensor | None:
-        """This step's sums under ``key`` (see :meth:`add_step_sum`) over every tensor's elements, completed across
-        the ranks for sharded packs (one collective per mesh); None if nothing was added. Clears them."""
-        by_mesh = self.step_cache.pop(key, None)
+        """This iteration's sums under ``key`` (see :meth:`add_step_sum`) over every tensor's elements, completed across
+        the ranks for sharded packs (one collective per mesh) and for an engine's partitions (one collective); None
+        if nothing was added. Clears them. (Every rank adds to them in the same iterations: whether a technique runs
+        follows the groups' step counts, which are the same on every rank.)"""
+        by_mesh = self.iteration_sums.pop(key, None)
         total = None
         for pack, values in (by_mesh or {}).values():
             values = pack.sum_(values)
             total = values if total is None else total + values.to(total.device)
+        if total is not None and self._binding.partitioned:
+            total = distributed.all_reduce_(total)
         return total
 
     @staticmethod

@@ -104,7 +104,9 @@ class Technique:
         whose halves live in different param groups). Results go in ``opt.step_cache``."""
 
     def finish(self, opt: Any) -> None:
-        """Called once per ``step()`` after every pack ran (e.g. to fold per-pack sums into global statistics)."""
+        """Called once per iteration after every pack ran (e.g. to fold per-pack sums into global statistics): at the
+        end of each ``step()``, or, under an engine that steps one group per call (DeepSpeed), of the call that
+        completes the iteration (see ``engine/distributed.py``: ``Iteration``)."""
 
     def slots_for(self, hp: Any, pack: Any) -> tuple[Slot, ...]:
         """The slots this technique needs for a pack (bf16/fp16-only slots only for low-precision packs)."""

@@ -216,8 +216,7 @@ class ContextProbe(Technique):
 
     def run(self, ctx) -> None:
         u, m = ctx.m_in, ctx.state("exp_avg")
-        values = torch.stack([torch.dot(u, m), torch.dot(u, u), torch.dot(m, m), torch.dot(ctx.g, ctx.g)])
-        ctx.opt.c_optim.accumulate(values, ctx.pack)
+        ctx.opt.c_optim.accumulate(ctx.total_dots((u, m), (u, u), (m, m), (ctx.g, ctx.g)), ctx.pack)
 
     def finish(self, opt) -> None:
         opt.c_optim.update()

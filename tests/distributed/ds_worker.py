@@ -115,7 +115,9 @@ def zero(name: str, steps: int, args: list[str], stage: int, save: str | None, l
             engine.save_checkpoint(os.path.join(save, name), tag="half")
             break
     # the model's parameters hold DeepSpeed's updated values (fp32 here, so equal to its master partitions)
-    return trained(model), {"distributed": opt.get_optimization_info()["distributed"], "notes": opt.notes(), "lora": opt.get_optimization_info()["lora"], "pairs": opt.diagnose_lora_pairing()["pairs"]}
+    context = getattr(opt, "c_optim", None)  # C-Optim: context updates so far (once per iteration, not per group)
+    return trained(model), {"distributed": opt.get_optimization_info()["distributed"], "notes": opt.notes(), "lora": opt.get_optimization_info()["lora"], "pairs": opt.diagnose_lora_pairing()["pairs"],
+                            "context_updates": None if context is None else context.steps}
 
 
 def main() -> None:

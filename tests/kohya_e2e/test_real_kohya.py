@@ -293,7 +293,7 @@ def test_a_broken_hook_fails_the_tensorboard_check(kohya):
     assert "loss/current" in scalars and not any(t.startswith("hina/") for t in scalars)
 
 
-@pytest.mark.parametrize("name", ["HinaAdamWCore", "Automagic_CameAMP"])
+@pytest.mark.parametrize("name", ["HinaAdamWCore", "Automagic_CameAMP", "Automagic_CameAMP_COptim"])
 def test_deepspeed_zero2_trains_every_lora_of_text_encoder_and_unet(kohya, name):
     """``torchrun --nproc_per_node 2 train_network.py --deepspeed --zero_stage 2`` (kohya's own DeepSpeed path:
     accelerate's DeepSpeedPlugin, text encoder and U-Net LoRA in one wrapped model, on CPU over gloo): every
