@@ -10,7 +10,8 @@ ranks loads it back exactly.
 For parameters sharded between ranks (FSDP2, ``engine/sharding.py``), a tensor's state is keyed by the parameter's
 index as usual, its values DTensors laid out as ``engine/sharding.wrap_state`` says, so that
 ``torch.distributed.checkpoint`` saves and loads them sharded (and reshards per-element, per-row, per-column and
-per-tensor state onto another number of ranks). ``torch.distributed.checkpoint.state_dict`` keeps only ``"state"``
+per-tensor state onto fewer ranks; on more, DCP reports the new ranks' random streams missing, each rank's being
+saved under its own key). ``torch.distributed.checkpoint.state_dict`` keeps only ``"state"``
 and ``"param_groups"``: the ``"hina"`` entry is therefore repeated in the first param group, where it reads it back.
 """
 
@@ -88,7 +89,10 @@ class Checkpointing:
         # way): a checkpoint loader that takes the keys to load from a fresh optimizer's state dict (DCP) finds them
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             self._generator(device)
-        rng = {f"{dev}@rank{rank}": gen.get_state() for dev, gen in self._generators.items()}
+        # keyed by device type where a rank has one device of it (its GPU is cuda:1 on one machine, cuda:0 on another)
+        types = [torch.device(dev).type for dev in self._generators]
+        rng = {f"{torch.device(dev).type if types.count(torch.device(dev).type) == 1 else dev}@rank{rank}": gen.get_state()
+               for dev, gen in self._generators.items()}
         sd[HINA] = {"format": FORMAT_VERSION, "optimizer": self.NAME, "rng": rng}
         sd["magic_version"] = FORMAT_VERSION  # the upstream fork's version key, for checks written against it
         return self._repeat_meta(sd)
@@ -98,9 +102,10 @@ class Checkpointing:
         what a subclass adds to it after this (C-Optim's context) is there too."""
         if sd["param_groups"]:
             sd["param_groups"][0][HINA] = sd[HINA]
-            # and in the live first group: DCP's flattened form (flatten_optimizer_state_dict, torchtitan's setting)
-            # takes a group's entries from the optimizer's own param_groups when it loads
-            self.param_groups[0][HINA] = sd[HINA]
+            # and, with sharded parameters, in the live first group: DCP's flattened form (flatten_optimizer_state_dict,
+            # torchtitan's setting) takes a group's entries from the optimizer's own param_groups when it loads
+            if self._binding.sharded:
+                self.param_groups[0][HINA] = sd[HINA]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -157,6 +162,9 @@ class Checkpointing:
             else:
                 self._load_entry(p, sid, saved_state)
         self._load_streams(meta.get("rng", {}))
+        # lr-mask means (hina/avg_lr) are re-recorded from the loaded masks at the next step: those of before (a fresh
+        # mask's, from DCP's initialising step) would stand, since a frozen mask is not read again
+        self.mask_means.clear()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -174,8 +182,8 @@ class Checkpointing:
             if not owner or int(owner) == 0:
                 first.setdefault(torch.device(dev).type, rng)
         devices = {p.device for group in self.param_groups for p in group["params"]}
-        for device in devices | {torch.device(dev) for dev in own}:
-            rng = own.get(str(device), first.get(device.type))
+        for device in devices | {torch.device(dev) for dev in own if ":" in dev or dev == "cpu"}:
+            rng = own.get(str(device), own.get(device.type, first.get(device.type)))
             if rng is not None and (device.type == "cpu" or torch.cuda.is_available()):
                 self._generator(device).set_state(rng.cpu())
 

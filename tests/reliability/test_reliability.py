@@ -247,6 +247,29 @@ def test_dtensor_layouts_fsdp2_does_not_make_are_refused_clearly(tmp_path):
         dist.destroy_process_group()
 
 
+def test_bf16_only_optimizer_refuses_fp32_sharded_parameters_swapped_in(tmp_path):
+    """accelerate's FSDP2 setup upcasts the model to fp32 and swaps the sharded parameters into the groups of an
+    optimizer built on bf16 ones: the bf16-only optimizer must refuse them as it refuses plain fp32 parameters."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    from torch.distributed.fsdp import fully_shard
+
+    from sd_hina_plugin import AdamWBF16_HinaAdaptive
+
+    dist = _one_rank(tmp_path)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 1)).to(torch.bfloat16)
+        opt = AdamWBF16_HinaAdaptive(model.named_parameters(), lr=1e-3)
+        originals = [p.data_ptr for p in model.parameters()]
+        model.float()
+        fully_shard(model)
+        fsdp2_switch_optimizer_parameters(opt, dict(zip(originals, model.parameters())))
+        model(torch.randn(4, 8)).square().mean().backward()
+        with pytest.raises(TypeError, match="needs bfloat16 parameters; got group 0 parameter 0 \\(float32\\)"):
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_add_param_group_after_steps_keeps_existing_state(spec):
     # seeded, and lr 1e-2: at 1e-3 the new group's two updates (its first step only initialises ADOPT's v)

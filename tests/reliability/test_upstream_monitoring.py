@@ -140,3 +140,42 @@ def test_kohya_loraplus_groups_turn_our_ratio_off_with_a_note(caplog):
     assert any("LoRA+ ratio (alora_ratio=21) is off" in n for n in optimizer.notes()), optimizer.notes()
     joined = _trained(sd_hina_plugin.HinaAdamWOptimizer, steps=1)
     assert not any("LoRA+" in n for n in joined.notes())
+
+
+def test_avg_lr_after_loading_into_an_optimizer_that_stepped():
+    """DCP's loader steps a fresh optimizer once (lr 0, zero gradients) before it loads the state in: past warm-up,
+    hina/avg_lr must then read the loaded mask's mean, not the fresh one's (a frozen mask is not read again)."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(16, 16)
+
+    trained = model()
+    opt = sd_hina_plugin.Automagic_CameAMP(trained.parameters(), lr=1e-3, warmup_steps=4)
+    for _ in range(8):
+        trained(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = opt.state_dict()
+    fresh = model()
+    other = sd_hina_plugin.Automagic_CameAMP(fresh.parameters(), lr=1e-3, warmup_steps=4)
+    for p in fresh.parameters():  # DCP's _init_optim_state: one step at lr 0 on zero gradients
+        p.grad = torch.zeros_like(p)
+    other.param_groups[0]["lr"] = 0.0
+    other.step()
+    other.load_state_dict(saved)
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 16)
+    for net, optimizer in ((trained, opt), (fresh, other)):
+        net(x).square().mean().backward()
+        optimizer.step()
+    assert sd_hina_plugin.stats(other)["hina/avg_lr/group0"] == sd_hina_plugin.stats(opt)["hina/avg_lr/group0"]
+
+
+def test_state_dict_leaves_the_live_param_groups_alone():
+    """Without sharded parameters, state_dict() adds nothing to the optimizer's own param_groups (repr, logging
+    of group hyperparameters)."""
+    net = torch.nn.Linear(4, 4)
+    opt = sd_hina_plugin.HinaAdamWCore(net.parameters(), lr=1e-3)
+    keys = set(opt.param_groups[0])
+    assert "hina" in opt.state_dict()["param_groups"][0]
+    assert set(opt.param_groups[0]) == keys
