@@ -146,27 +146,29 @@ class StepContext:
     # -- reductions over tensors, rows and columns: every one a technique needs goes through these, so that for
     # tensors sharded between ranks (engine/sharding.py) each is summed across the ranks, one collective per call
     # and pack; ops grow with the number of shapes, not of tensors ------------------------------------------
-    def _per_tensor(self, reduce) -> torch.Tensor:
-        """``reduce(bucket)`` -> one value per tensor of the bucket; concatenated in pack order."""
-        parts = [reduce(b) for b in self.pack.buckets]
+    def _per_tensor(self, reduce, buckets: list | None = None) -> torch.Tensor:
+        """``reduce(bucket)`` -> one value per tensor of the bucket; concatenated in pack order (of ``buckets`` only,
+        if given)."""
+        parts = [reduce(b) for b in (self.pack.buckets if buckets is None else buckets)]
         return join(parts)
 
-    def tensor_reductions(self, *terms: tuple) -> list[torch.Tensor]:
-        """Several per-tensor reductions of flat buffers at once, each ``(n_params,)`` in pack order: a term is
-        ``("sum", x)``, ``("dot", x, y)`` or ``("norm", x)``. For sharded tensors, one collective for all of them."""
+    def tensor_reductions(self, *terms: tuple, buckets: list | None = None) -> list[torch.Tensor]:
+        """Several per-tensor reductions of flat buffers at once, each ``(n_params,)`` in pack order (or, given
+        ``buckets``, one value per tensor of those buckets, in their order): a term is ``("sum", x)``,
+        ``("dot", x, y)`` or ``("norm", x)``. For sharded tensors, one collective for all of them."""
         sharded = self.pack.mesh is not None
         parts = []
         for kind, x, *rest in terms:
             if kind == "sum":
-                parts.append(self._per_tensor(lambda b: b.rows(x).sum(1)))
+                parts.append(self._per_tensor(lambda b: b.rows(x).sum(1), buckets))
             elif kind == "dot":
                 # a batched (1 x n) @ (n x 1) product, the second operand a transposed view: BLAS' fast path (2.5x a
                 # multiply-then-sum and 6x a contiguous (k, n, 1) operand on CPU), no temporary
                 y = rest[0]
                 parts.append(self._per_tensor(
-                    lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1)))
+                    lambda b: torch.bmm(b.rows(x).unsqueeze(1), b.rows(y).unsqueeze(1).transpose(1, 2)).view(-1), buckets))
             elif kind == "norm":  # (sharded: the squares summed across ranks, the root after)
-                parts.append(self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1)))
+                parts.append(self._per_tensor(lambda b: torch.linalg.vector_norm(b.rows(x), dim=1), buckets))
                 if sharded:
                     parts[-1] = parts[-1].square_()
             else:

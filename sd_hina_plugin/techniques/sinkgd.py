@@ -115,9 +115,10 @@ class SinkgdDirection(Technique):
         squares = [torch.mul(b.matrix(u), b.matrix(u), out=b.matrix(x2)) for b in matrices]
         scales = dict(zip(map(id, matrices), cls._passes(ctx, matrices, squares, iterations))) if matrices else {}
         if vectors:
-            norms = ctx.tensor_norm(u)
+            norms, offset = ctx.tensor_reductions(("norm", u), buckets=vectors)[0], 0
             for b in vectors:
-                norm = norms[b.first:b.first + b.count].view(-1, 1, 1)
+                norm = norms[offset:offset + b.count].view(-1, 1, 1)
+                offset += b.count
                 scales[id(b)] = ((math.sqrt(b.full_numel) / (norm + EPS)).expand(b.count, b.n_rows, 1),
                                  torch.ones(b.count, 1, 1, device=u.device))
         if ctx.compiling:
