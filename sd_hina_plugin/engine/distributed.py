@@ -31,7 +31,7 @@ step with an error saying so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -233,6 +233,19 @@ def all_reduce_(x: torch.Tensor, group=None) -> torch.Tensor:
         return x.copy_(reduced)
     dist.all_reduce(x, group=group)
     return x
+
+
+def mean_over_ranks(value: Any, device: torch.device) -> Any:
+    """A value every rank has its own of (a closure's loss; a number is put on ``device``), averaged over all ranks when several processes run (one
+    all_reduce: every rank calls ``step(closure)``), so that what follows from it stays the same on every rank;
+    ``value`` itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().to(dtype=torch.float32, copy=True).reshape(()) if isinstance(value, torch.Tensor) \
+        else torch.tensor(float(value), device=device)
+    return all_reduce_(total).div_(dist.get_world_size())
 
 
 class Iteration:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Field
 from ..engine.base import HinaOptimizer
+from ..engine.distributed import mean_over_ranks
 from ..registry import register
 from ..techniques.agr import AGR
 from ..techniques.apply import LR, WriteParams
@@ -121,8 +122,8 @@ class _COptimMixin:
 
     def step(self, closure=None):
         loss = super().step(closure)  # type: ignore[misc]
-        if loss is not None:
-            self.observe_loss(loss)
+        if loss is not None:  # (several processes: the ranks' mean, so that their multipliers stay equal)
+            self.observe_loss(mean_over_ranks(loss, self.param_groups[0]["params"][0].device))
         return loss
 
     def observe_loss(self, loss: Any) -> None:

@@ -155,7 +155,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, names: list[str], out_dir: str, closure: bool = False) -> None:
     import torch.distributed as dist
     from support import lora_problem, make, param_dtype, problem_lr, trainable
 
@@ -167,13 +167,26 @@ def _ddp_worker(rank: int, world: int, port: int, names: list[str], out_dir: str
         opt = make(name, trainable(ddp), problem_lr(registry.resolve(name)))
         for step in range(20):
             x, y = data[(step + rank) % len(data)]  # each rank its own batch; DDP averages the gradients
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.mse_loss(ddp(x).float(), y.float()).backward()
-            opt.step()
+
+            def loss_of_step(x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(ddp(x).float(), y.float())
+                loss.backward()
+                return loss
+
+            if closure:  # (a closure's loss is the rank's own: the COptim context takes it)
+                opt.step(loss_of_step)
+            else:
+                loss_of_step()
+                opt.step()
         tensors = [p.detach().double().flatten() for p in trainable(ddp)]
+        if hasattr(opt, "c_optim"):
+            tensors.append(opt.c_optim.t["hist"].double().flatten())
         tensors += [v.double().flatten() for p in trainable(ddp) for v in opt.state[p].values()
                     if isinstance(v, torch.Tensor)]
         torch.save(torch.cat(tensors), os.path.join(out_dir, f"{name}-{rank}.pt"))
+        del ddp, opt  # (DDP's reducer holds the process group: released before it is destroyed)
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -184,6 +197,16 @@ def test_ddp_two_processes_keep_parameters_and_state_identical(tmp_path):
         rank0 = torch.load(tmp_path / f"{name}-0.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"{name}-1.pt", weights_only=True)
         assert torch.equal(rank0, rank1), name
+
+
+def test_ddp_with_a_closure_keeps_the_coptim_context_identical(tmp_path):
+    """step(closure) hands the context each rank's own loss; the ranks' mean is used, so the lr multiplier, and with it
+    parameters and state, stay the same on every rank (each rank's own loss made them drift apart)."""
+    names = ["Automagic_CameAMP_COptim"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), names, str(tmp_path), True), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / f"{names[0]}-0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / f"{names[0]}-1.pt", weights_only=True)
+    assert torch.equal(rank0, rank1)
 
 
 def _one_rank(tmp_path):
