@@ -200,8 +200,9 @@ def whole(members: list[torch.Tensor], shards: list[Shard | None]) -> list[torch
     for i, (m, s) in enumerate(zip(members, shards)):
         classes.setdefault((tuple(s.shape) if s is not None else tuple(m.shape), s is not None and s.mesh is not None), []).append(i)
     parts, where = [], []
+    dtype = torch.float64 if any(m.dtype == torch.float64 for m in members) else torch.float32  # (one buffer for all)
     for (shape, sharded), index in classes.items():
-        stacked = torch.zeros((len(index), *shape), dtype=torch.float32, device=members[index[0]].device)
+        stacked = torch.zeros((len(index), *shape), dtype=dtype, device=members[index[0]].device)
         if sharded:  # same shape, same chunking: the same rows on this rank for every tensor of the class
             s = shards[index[0]]
             stacked[:, s.offset:s.offset + s.rows] = torch.stack([members[i] for i in index])
