@@ -165,6 +165,9 @@ class Checkpointing:
         # lr-mask means (hina/avg_lr) are re-recorded from the loaded masks at the next step: those of before (a fresh
         # mask's, from DCP's initialising step) would stand, since a frozen mask is not read again
         self.mask_means.clear()
+        # an iteration left open (DeepSpeed's group-by-group calls, interrupted) does not carry into the loaded state
+        self._iteration.take()
+        self.iteration_sums.clear()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -281,8 +281,9 @@ class ShardAccess:
     def step_sum(self, key: str) -> torch.Tensor | None:
         """This iteration's sums under ``key`` (see :meth:`add_step_sum`) over every tensor's elements, completed across
         the ranks for sharded packs (one collective per mesh) and for an engine's partitions (one collective); None
-        if nothing was added. Clears them. (Every rank adds to them in the same iterations: whether a technique runs
-        follows the groups' step counts, which are the same on every rank.)"""
+        if nothing was added. Clears them. (Every rank that trains tensors adds to them in the same iterations: whether
+        a technique runs follows the groups' step counts, the same on all of them. A rank whose partitions are padding
+        only, in every group, would not take part: DeepSpeed on more ranks than such a model has elements to split.)"""
         by_mesh = self.iteration_sums.pop(key, None)
         total = None
         for pack, values in (by_mesh or {}).values():

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from ..config import Field
 from ..engine.base import HinaOptimizer
 from ..engine.distributed import mean_over_ranks
@@ -123,7 +125,8 @@ class _COptimMixin:
     def step(self, closure=None):
         loss = super().step(closure)  # type: ignore[misc]
         if loss is not None:  # (several processes: the ranks' mean, so that their multipliers stay equal)
-            self.observe_loss(mean_over_ranks(loss, self.param_groups[0]["params"][0].device))
+            device = next((p.device for group in self.param_groups for p in group["params"]), torch.device("cpu"))
+            self.observe_loss(mean_over_ranks(loss, device))
         return loss
 
     def observe_loss(self, loss: Any) -> None:

@@ -214,6 +214,9 @@ class ContextProbe(Technique):
         if packs:
             opt.c_optim._ensure(packs[0].device)
 
+    def before_graph(self, ctx) -> None:
+        ctx.opt.counted_weights(ctx.pack)  # made eagerly (it may upload), not inside the first graph that needs it
+
     def run(self, ctx) -> None:
         u, m = ctx.m_in, ctx.state("exp_avg")
         ctx.opt.c_optim.accumulate(ctx.total_dots((u, m), (u, u), (m, m), (ctx.g, ctx.g)), ctx.pack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import socket
@@ -376,3 +377,65 @@ def test_diffusers_style_adamw_keywords(spec):
         assert group["beta1"] == 0.85
         assert any("b2 unused" in n for n in opt.notes()) and any("eps has no effect" in n for n in opt.notes())
     assert torch.isfinite(p).all()
+
+
+def test_an_open_iteration_does_not_carry_into_a_loaded_state(tmp_path):
+    """An engine that steps one group per call (DeepSpeed, here its calling pattern on a one-rank process group)
+    leaves an iteration open when a later group's call fails; loading a checkpoint then must start clean: the
+    abandoned sums were folded into the loaded C-Optim context at the next call (one update too many)."""
+    from sd_hina_plugin import Automagic_CameAMP_COptim
+
+    dist = _one_rank(tmp_path)
+
+    def run(interrupt: bool):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
+        opt = Automagic_CameAMP_COptim([{"params": [a]}, {"params": [b]}], lr=1e-3)
+        opt._binding.partitioned = True  # (what finding DeepSpeed's partitions sets: sums completed across ranks)
+        groups = list(opt.param_groups)
+        gen = torch.Generator().manual_seed(1)
+        grads = [(torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)) for _ in range(6)]
+
+        def iteration(i: int, only_first: bool = False):
+            a.grad, b.grad = grads[i]
+            for group in groups[:1] if only_first else groups:
+                opt.param_groups = [group]
+                opt.step()
+            opt.param_groups = groups
+
+        for i in range(3):
+            iteration(i)
+        saved, weights = copy.deepcopy(opt.state_dict()), (a.detach().clone(), b.detach().clone())  # (as on disk)
+        if interrupt:
+            iteration(5, only_first=True)  # the second group's call never came
+        opt.load_state_dict(saved)
+        with torch.no_grad():
+            a.copy_(weights[0])
+            b.copy_(weights[1])
+        for i in range(3, 5):
+            iteration(i)
+        return opt.c_optim.steps, opt.c_optim.t["hist"].clone()
+
+    try:
+        clean, interrupted = run(False), run(True)
+    finally:
+        dist.destroy_process_group()
+    assert clean[0] == interrupted[0] == 4  # 5 iterations, the first only initialises
+    assert torch.equal(clean[1], interrupted[1])
+
+
+def test_coptim_closure_with_an_empty_first_group():
+    from sd_hina_plugin import Automagic_CameAMP_COptim
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Automagic_CameAMP_COptim([{"params": []}, {"params": [w]}], lr=1e-3)
+
+    def closure():
+        opt.zero_grad()
+        loss = w.square().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        assert opt.step(closure) is not None
+    assert opt.c_optim.losses == 2  # fed from the second step on (the first only initialises the context)
