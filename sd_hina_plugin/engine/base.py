@@ -96,7 +96,7 @@ class HinaOptimizer(Naming, Reporting, Checkpointing, sharding.ShardAccess, torc
         self.step_cache: dict[str, Any] = {}
         #: sums over all tensors that techniques' ``finish`` folds in once per iteration (see ShardAccess.add_step_sum)
         self.iteration_sums: dict[str, Any] = {}
-        #: the groups called and stepped in this iteration (an iteration spans several calls under DeepSpeed)
+        #: the groups called in this iteration (an iteration spans several calls under DeepSpeed)
         self._iteration = Iteration()
         #: lr-mask means per pack (group index, 0-d device tensor, elements), for hina/avg_lr in stats()
         self.mask_means: dict[int, tuple[int, torch.Tensor, int] | None] = {}

@@ -154,7 +154,7 @@ class Binding:
         """Before ``group`` steps: the whole values and gradients of its replicas (a collective: every rank steps
         the same groups in the same order under the engines that make replicas); sharded members re-pointed if
         their engine moved their storage."""
-        if self._aliases:  # (a loop over the group's tensors only where FSDP2 put sharded ones in)
+        if self.sharded:  # (a loop over the group's tensors only where FSDP2 put sharded ones in)
             for p in group["params"]:
                 if id(p) in self._aliases:
                     self._alias(p)

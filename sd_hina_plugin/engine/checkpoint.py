@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import sharding
+from . import distributed, sharding
 
 FORMAT_VERSION = 1
 #: the state entry of a flat partition: its fragments' states by offset
@@ -84,7 +84,7 @@ class Checkpointing:
                 sd = result
         # each rank's random stream (stochastic rounding) under its own key: torch.distributed.checkpoint keeps one copy
         # of what every rank saves under the same key, and a checkpoint of 2 ranks then loads in one process (rank 0's)
-        rank = _rank()
+        rank = distributed.rank()
         # every device's generator, made now if no step has drawn from it yet (it starts from the fixed seed either
         # way): a checkpoint loader that takes the keys to load from a fresh optimizer's state dict (DCP) finds them
         for device in {p.device for group in self.param_groups for p in group["params"]}:
@@ -176,7 +176,7 @@ class Checkpointing:
         rank on it where the checkpoint has one (FSDP2: each rank's own), else the one saved by rank 0 for a device
         of the same type (a checkpoint saved by the main process only and loaded by every rank of DDP, whose ranks
         must go on drawing the same numbers: rank r's GPU is cuda:r where rank 0's was cuda:0)."""
-        rank = _rank()
+        rank = distributed.rank()
         own, first = {}, {}
         for key, rng in saved.items():
             dev, _, owner = key.partition("@rank")
@@ -216,9 +216,3 @@ class Checkpointing:
                 ours[key].copy_(value)
             else:
                 ours[key] = value
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -83,21 +83,15 @@ class Exchange:
 
     def gather(self) -> None:
         """Values and gradients of every replica: each rank puts in its own ranges, one all_reduce sums them."""
-        import torch.distributed as dist
-
         grad = self.owner.grad
-        # on the device the process group communicates on (NCCL: the GPU, also when ZeRO-Offload keeps the partition
-        # on the CPU)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else self.owner.device
-        buf = torch.zeros(2 * self.total, dtype=self.owner.dtype, device=device)
+        buf = torch.zeros(2 * self.total, dtype=self.owner.dtype, device=self.owner.device)
         flat_owner = self.owner.detach().view(-1)
         for fragment, offset, numel in self.shared:
             for start, src, n in fragment.ranges if fragment is not None else ():
                 buf[offset + src:offset + src + n].copy_(flat_owner[start:start + n])
                 if grad is not None:
                     buf[self.total + offset + src:self.total + offset + src + n].copy_(grad.view(-1)[start:start + n])
-        dist.all_reduce(buf)
-        buf = buf.to(self.owner.device)
+        all_reduce_(buf)  # (through the GPU under NCCL, also when ZeRO-Offload keeps the partition on the CPU)
         for fragment, offset, numel in self.shared:
             if fragment is not None:
                 fragment.value.view(-1).copy_(buf[offset:offset + numel])
@@ -122,11 +116,18 @@ def _zero3_error(group_index: int) -> TypeError:
 
 
 def _world() -> tuple[int, int] | None:
+    """(rank, world size) when a process group is initialised, else None."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
     return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    world = _world()
+    return 0 if world is None else world[0]
 
 
 def partition(flat: torch.Tensor, origins: list[torch.Tensor], group_index: int,
@@ -236,16 +237,15 @@ def all_reduce_(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def mean_over_ranks(value: Any, device: torch.device) -> Any:
-    """A value every rank has its own of (a closure's loss; a number is put on ``device``), averaged over all ranks when several processes run (one
-    all_reduce: every rank calls ``step(closure)``), so that what follows from it stays the same on every rank;
-    ``value`` itself in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """A value every rank has its own of (a closure's loss; a number is put on ``device``), averaged over all ranks
+    when several processes run (one all_reduce: every rank calls ``step(closure)``), so that what follows from it
+    stays the same on every rank; ``value`` itself in one process."""
+    world = _world()
+    if world is None or world[1] == 1:
         return value
     total = value.detach().to(dtype=torch.float32, copy=True).reshape(()) if isinstance(value, torch.Tensor) \
         else torch.tensor(float(value), device=device)
-    return all_reduce_(total).div_(dist.get_world_size())
+    return all_reduce_(total).div_(world[1])
 
 
 class Iteration:

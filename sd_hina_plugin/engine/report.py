@@ -45,23 +45,26 @@ class Reporting:
                 out.update({f"hina/lokr/{m.key}/w1_norm": a, f"hina/lokr/{m.key}/w2_norm": b, f"hina/lokr/{m.key}/kron_norm": k})
         return out
 
-    def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any] | None:
-        """(group of ``p``, its lr-mask technique), or None if the optimizer has no lr mask or ``p`` no state yet. A
-        sharded parameter (FSDP2) answers for its local shard."""
+    def _mask_technique(self, p: torch.Tensor) -> tuple[dict[str, Any], Any, torch.Tensor] | None:
+        """(group of ``p``, its lr-mask technique, the tensor the packs train for ``p``: a sharded parameter's (FSDP2)
+        local shard, else ``p``), or None if the optimizer has no lr mask or ``p`` no state yet."""
         p = self._binding.as_member(p)
         group = self._binding.group_of(p)
         if group is None or not any(g is group for g in self.param_groups):
             return None
         for tech in self.techniques(group):
             if hasattr(tech, "mask_of") and self.state.get(p):
-                return group, tech
+                return group, tech, p
         return None
 
     def lr_mask(self, p: torch.Tensor) -> torch.Tensor | None:
         """The per-element lr multiplier of parameter ``p`` (fp32, relative to its group's lr; the effective lr is
         ``group["lr"] * lr_mask(p)``), or None if the optimizer has no lr mask or ``p`` no state yet."""
         found = self._mask_technique(p)
-        return found[1].mask_of(self, found[0], self._binding.as_member(p)) if found else None
+        if not found:
+            return None
+        group, tech, member = found
+        return tech.mask_of(self, group, member)
 
     def lr_in_lr_units(self, p: torch.Tensor) -> torch.Tensor | None:
         """The per-element lr of ``p`` (``group["lr"] * lr_mask(p)``, a new fp32 tensor shaped like ``p``), or None
@@ -69,8 +72,8 @@ class Reporting:
         found = self._mask_technique(p)
         if not found:
             return None
-        group, tech = found
-        return tech.mask_of(self, group, self._binding.as_member(p)) * float(group["lr"])
+        group, tech, member = found
+        return tech.mask_of(self, group, member) * float(group["lr"])
 
     def group_name(self, index: int) -> str:
         return str(self.param_groups[index].get("hina_desc") or f"group{index}")
